@@ -1,0 +1,12 @@
+//! gmem: create, map, place, inspect and migrate KVM guest_memfd-backed guest memory.
+//!
+//! Layers, bottom up: [`sys`] (the only unsafe code), [`numa`] (nodes, numa_maps, pagemap),
+//! [`memory`] (guest_memfd, mappings, memslots, policy, placement), [`probe`] (what the
+//! host can do).
+
+pub mod sys;
+
+pub mod kvm;
+pub mod memory;
+pub mod numa;
+pub mod probe;

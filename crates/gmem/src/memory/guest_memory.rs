@@ -1,0 +1,410 @@
+//! `GuestMemory`: a gmem, its host mapping, and its memslots, laid out as equal chunks.
+//!
+//! Guest physical memory is cut into `chunks` equal pieces, one KVM memslot each, over one
+//! guest_memfd that is larger by `spare_chunks` pieces. A chunk can be rebound to a spare
+//! offset (delete and re-create its memslot) — the remap mechanism's only guest-visible step.
+//! A single-slot layout is the special case of one chunk and no spares.
+
+use std::os::fd::AsFd;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use kvm_ioctls::VmFd;
+use serde::Serialize;
+
+use super::{GmemFlags, GuestMemfd, MemoryError, Placement, Policy, check_range, page_size};
+use crate::numa::Topology;
+use crate::sys::kvm::{MemslotRegion, set_user_memory_region2};
+use crate::sys::mempolicy;
+use crate::sys::mman::Mmap;
+
+/// How guest memory is cut into memslots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ChunkLayout {
+    /// Guest RAM in bytes (multiple of `chunk_size`).
+    pub guest_size: u64,
+    /// Bytes per chunk and memslot.
+    pub chunk_size: u64,
+    /// Extra chunk-sized room in the gmem, for remapping.
+    pub spare_chunks: u64,
+    /// Guest physical address of chunk 0.
+    pub base_gpa: u64,
+    /// KVM slot id of chunk 0; chunk i uses `first_slot + i`.
+    pub first_slot: u32,
+}
+
+impl ChunkLayout {
+    /// One memslot over the whole memory, no spare room.
+    pub fn single_slot(guest_size: u64) -> Self {
+        ChunkLayout {
+            guest_size,
+            chunk_size: guest_size,
+            spare_chunks: 0,
+            base_gpa: 0,
+            first_slot: 0,
+        }
+    }
+
+    /// Equal chunks of `chunk_size`, plus `spare_chunks` of room.
+    pub fn chunked(guest_size: u64, chunk_size: u64, spare_chunks: u64) -> Self {
+        ChunkLayout {
+            guest_size,
+            chunk_size,
+            spare_chunks,
+            base_gpa: 0,
+            first_slot: 0,
+        }
+    }
+
+    /// Number of guest chunks (memslots).
+    pub fn chunks(&self) -> u64 {
+        self.guest_size / self.chunk_size
+    }
+
+    /// Size of the backing gmem: guest chunks plus spares.
+    pub fn gmem_size(&self) -> u64 {
+        (self.chunks() + self.spare_chunks) * self.chunk_size
+    }
+
+    /// Checks that the pieces fit together.
+    pub fn validate(&self) -> Result<(), MemoryError> {
+        let page = page_size();
+        if self.guest_size == 0 {
+            return Err(MemoryError::ZeroSize);
+        }
+        if !self.guest_size.is_multiple_of(page) {
+            return Err(MemoryError::SizeNotPageAligned {
+                size: self.guest_size,
+                page,
+            });
+        }
+        if self.chunk_size == 0 || !self.chunk_size.is_multiple_of(page) {
+            return Err(MemoryError::Layout(format!(
+                "chunk size {} is not a positive multiple of the {page} byte page size",
+                self.chunk_size
+            )));
+        }
+        if !self.guest_size.is_multiple_of(self.chunk_size) {
+            return Err(MemoryError::Layout(format!(
+                "guest size {} is not a whole number of {} byte chunks",
+                self.guest_size, self.chunk_size
+            )));
+        }
+        if !self.base_gpa.is_multiple_of(page) {
+            return Err(MemoryError::Layout(format!(
+                "base guest address {:#x} is not page-aligned",
+                self.base_gpa
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Where each chunk lives in the gmem, and which gmem chunks are free.
+#[derive(Debug, Clone)]
+struct ChunkTable {
+    /// gmem offset of guest chunk i.
+    offsets: Vec<u64>,
+    /// gmem offsets not backing any chunk.
+    spare: Vec<u64>,
+    /// Whether the memslots are registered with KVM.
+    bound: bool,
+}
+
+/// Guest RAM on one guest_memfd, mapped by the host and bound to a VM as chunk memslots.
+#[derive(Debug)]
+pub struct GuestMemory {
+    vm: Arc<VmFd>,
+    layout: ChunkLayout,
+    gmem: GuestMemfd,
+    /// `None` for non-mappable (confidential) gmem.
+    map: Option<Mmap>,
+    table: RwLock<ChunkTable>,
+}
+
+impl GuestMemory {
+    /// Creates the gmem for `layout` and maps it if `flags` allow. No memslots yet.
+    pub fn create(
+        vm: Arc<VmFd>,
+        layout: ChunkLayout,
+        flags: GmemFlags,
+    ) -> Result<Self, MemoryError> {
+        layout.validate()?;
+        let gmem = GuestMemfd::create(&vm, layout.gmem_size(), flags)?;
+        let map = if gmem.is_host_mappable() {
+            Some(gmem.map()?)
+        } else {
+            None
+        };
+        let chunks = layout.chunks();
+        let table = ChunkTable {
+            offsets: (0..chunks).map(|i| i * layout.chunk_size).collect(),
+            spare: (chunks..chunks + layout.spare_chunks)
+                .rev()
+                .map(|i| i * layout.chunk_size)
+                .collect(),
+            bound: false,
+        };
+        Ok(GuestMemory {
+            vm,
+            layout,
+            gmem,
+            map,
+            table: RwLock::new(table),
+        })
+    }
+
+    /// The VM this memory belongs to.
+    pub fn vm(&self) -> &Arc<VmFd> {
+        &self.vm
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &ChunkLayout {
+        &self.layout
+    }
+
+    /// The backing guest_memfd.
+    pub fn gmem(&self) -> &GuestMemfd {
+        &self.gmem
+    }
+
+    /// The host mapping of the whole gmem (spares included). Refused for confidential gmem.
+    pub fn mapping(&self) -> Result<&Mmap, MemoryError> {
+        self.map.as_ref().ok_or(MemoryError::NotHostMappable {
+            flags: self.gmem.flags(),
+        })
+    }
+
+    fn table(&self) -> RwLockReadGuard<'_, ChunkTable> {
+        self.table.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn table_mut(&self) -> RwLockWriteGuard<'_, ChunkTable> {
+        self.table.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn region(
+        &self,
+        chunk: u64,
+        gmem_offset: u64,
+        size: u64,
+    ) -> Result<MemslotRegion, MemoryError> {
+        Ok(MemslotRegion {
+            slot: self.layout.first_slot + chunk as u32,
+            guest_phys_addr: self.layout.base_gpa + chunk * self.layout.chunk_size,
+            size,
+            userspace_addr: (self.mapping()?.addr() as u64) + gmem_offset,
+            gmem_offset,
+        })
+    }
+
+    fn set_slot(&self, region: MemslotRegion) -> Result<(), MemoryError> {
+        set_user_memory_region2(&self.vm, self.gmem.as_fd(), region).map_err(|source| {
+            MemoryError::SetMemslot {
+                slot: region.slot,
+                source,
+            }
+        })
+    }
+
+    /// Registers one memslot per chunk with KVM (`KVM_SET_USER_MEMORY_REGION2`).
+    pub fn bind_to_vm(&self) -> Result<(), MemoryError> {
+        let mut table = self.table_mut();
+        for (chunk, &offset) in table.offsets.iter().enumerate() {
+            let region = self.region(chunk as u64, offset, self.layout.chunk_size)?;
+            if let Err(e) = self.set_slot(region) {
+                // Leave no half-bound VM behind.
+                for done in 0..chunk as u64 {
+                    let _ = self.set_slot(self.region(done, table.offsets[done as usize], 0)?);
+                }
+                return Err(e);
+            }
+        }
+        table.bound = true;
+        Ok(())
+    }
+
+    /// The gmem offset that backs guest chunk `chunk`.
+    pub fn chunk_offset(&self, chunk: u64) -> u64 {
+        self.table().offsets[chunk as usize]
+    }
+
+    /// gmem offsets of all guest chunks, in guest order.
+    pub fn chunk_offsets(&self) -> Vec<u64> {
+        self.table().offsets.clone()
+    }
+
+    /// Number of free spare chunks.
+    pub fn spare_chunks(&self) -> usize {
+        self.table().spare.len()
+    }
+
+    /// Takes a free gmem chunk offset from the spare pool.
+    pub fn take_spare(&self) -> Option<u64> {
+        self.table_mut().spare.pop()
+    }
+
+    /// Returns a gmem chunk offset to the spare pool (its pages should be punched first).
+    pub fn return_spare(&self, offset: u64) {
+        let mut table = self.table_mut();
+        debug_assert!(!table.offsets.contains(&offset) && !table.spare.contains(&offset));
+        table.spare.push(offset);
+    }
+
+    /// Points guest chunk `chunk` at gmem offset `new_offset`: deletes the memslot and
+    /// re-creates it there (KVM cannot move a slot's gmem binding in place). Returns the old
+    /// offset. The caller must have stopped every vCPU: a vCPU touching the chunk between
+    /// delete and create would exit with a fault. If the re-create fails, the old binding is
+    /// restored before the error is returned.
+    pub fn rebind_chunk(&self, chunk: u64, new_offset: u64) -> Result<u64, MemoryError> {
+        let size = self.layout.chunk_size;
+        check_range(new_offset, size, self.gmem.size())?;
+        let mut table = self.table_mut();
+        let old_offset = table.offsets[chunk as usize];
+        if table.bound {
+            self.set_slot(self.region(chunk, old_offset, 0)?)?;
+            if let Err(e) = self.set_slot(self.region(chunk, new_offset, size)?) {
+                self.set_slot(self.region(chunk, old_offset, size)?)?;
+                return Err(e);
+            }
+        }
+        table.offsets[chunk as usize] = new_offset;
+        Ok(old_offset)
+    }
+
+    /// Offset into the mapping of guest physical address `gpa`, or `None` outside RAM.
+    pub fn host_offset(&self, gpa: u64) -> Option<u64> {
+        let rel = gpa.checked_sub(self.layout.base_gpa)?;
+        if rel >= self.layout.guest_size {
+            return None;
+        }
+        let chunk = rel / self.layout.chunk_size;
+        Some(self.table().offsets[chunk as usize] + rel % self.layout.chunk_size)
+    }
+
+    /// Splits `gpa..gpa+len` into (mapping offset, length) pieces that stay within chunks.
+    fn host_pieces(&self, gpa: u64, len: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
+        let rel = gpa.wrapping_sub(self.layout.base_gpa);
+        if gpa < self.layout.base_gpa
+            || rel
+                .checked_add(len)
+                .is_none_or(|e| e > self.layout.guest_size)
+        {
+            return Err(MemoryError::RangeOutOfBounds {
+                offset: gpa,
+                len,
+                size: self.layout.guest_size,
+            });
+        }
+        let table = self.table();
+        let mut pieces = Vec::new();
+        let (mut at, end) = (rel, rel + len);
+        while at < end {
+            let chunk = at / self.layout.chunk_size;
+            let within = at % self.layout.chunk_size;
+            let take = (self.layout.chunk_size - within).min(end - at);
+            pieces.push((table.offsets[chunk as usize] + within, take));
+            at += take;
+        }
+        Ok(pieces)
+    }
+
+    /// Copies guest memory at `gpa` into `buf`.
+    pub fn read_guest(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let map = self.mapping()?;
+        let mut done = 0usize;
+        for (offset, len) in self.host_pieces(gpa, buf.len() as u64)? {
+            map.read(offset as usize, &mut buf[done..done + len as usize]);
+            done += len as usize;
+        }
+        Ok(())
+    }
+
+    /// Copies `buf` into guest memory at `gpa`.
+    pub fn write_guest(&self, gpa: u64, buf: &[u8]) -> Result<(), MemoryError> {
+        let map = self.mapping()?;
+        let mut done = 0usize;
+        for (offset, len) in self.host_pieces(gpa, buf.len() as u64)? {
+            map.write(offset as usize, &buf[done..done + len as usize]);
+            done += len as usize;
+        }
+        Ok(())
+    }
+
+    /// Sets the NUMA policy of a gmem range (mapping offsets) for future allocations
+    /// (`mbind(2)` without MOVE). Nodes are checked against the live topology first.
+    pub fn set_policy(&self, offset: u64, len: u64, policy: &Policy) -> Result<(), MemoryError> {
+        check_range(offset, len, self.gmem.size())?;
+        policy.validate(&Topology::read()?)?;
+        let (mode, nodes) = policy.to_raw();
+        mempolicy::mbind(
+            self.mapping()?,
+            offset as usize,
+            len as usize,
+            mode,
+            nodes.as_raw(),
+            0,
+        )
+        .map_err(|source| MemoryError::Mbind {
+            offset,
+            len,
+            source,
+        })
+    }
+
+    /// The NUMA policy in force at a gmem offset (`get_mempolicy(MPOL_F_ADDR)`).
+    pub fn policy_at(&self, offset: u64) -> Result<Policy, MemoryError> {
+        let (mode, nodes) = mempolicy::get_mempolicy_at(self.mapping()?, offset as usize)
+            .map_err(|source| MemoryError::GetMempolicy { offset, source })?;
+        Ok(Policy::from_raw(mode, nodes))
+    }
+
+    /// Where each page of a gmem range (mapping offsets) is resident.
+    pub fn placement(&self, offset: u64, len: u64) -> Result<Placement, MemoryError> {
+        Placement::query(self.mapping()?, offset, len)
+    }
+
+    /// Where each page of guest RAM is, in guest-physical order (follows remapped chunks).
+    pub fn guest_placement(&self) -> Result<Placement, MemoryError> {
+        let page = page_size();
+        let map = self.mapping()?;
+        let addrs: Vec<usize> = self
+            .chunk_offsets()
+            .iter()
+            .flat_map(|&off| (0..self.layout.chunk_size / page).map(move |p| off + p * page))
+            .map(|off| map.addr() + off as usize)
+            .collect();
+        Placement::query_addrs(0, &addrs, page)
+    }
+
+    /// Faults in a gmem range for writing in one call (`MADV_POPULATE_WRITE`).
+    pub fn populate(&self, offset: u64, len: u64) -> Result<(), MemoryError> {
+        check_range(offset, len, self.gmem.size())?;
+        self.mapping()?
+            .populate_write(offset as usize, len as usize)
+            .map_err(|source| MemoryError::Populate {
+                offset,
+                len,
+                source,
+            })
+    }
+}
+
+impl Drop for GuestMemory {
+    /// Deletes the memslots before the mapping goes away, so KVM never holds a dangling
+    /// host address.
+    fn drop(&mut self) {
+        let table = self
+            .table
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if table.bound {
+            for (chunk, &offset) in table.offsets.iter().enumerate() {
+                if let Ok(region) = self.region(chunk as u64, offset, 0) {
+                    let _ = self.set_slot(region);
+                }
+            }
+        }
+    }
+}

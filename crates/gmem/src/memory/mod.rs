@@ -1,0 +1,32 @@
+//! Guest memory backed by guest_memfd: creation, host mapping, memslots, policy, placement.
+
+mod error;
+mod flags;
+mod guest_memfd;
+mod guest_memory;
+mod placement;
+mod policy;
+
+pub use error::MemoryError;
+pub use flags::GmemFlags;
+pub use guest_memfd::GuestMemfd;
+pub use guest_memory::{ChunkLayout, GuestMemory};
+pub use placement::{PageLocation, Placement, PlacementRange};
+pub use policy::Policy;
+
+/// Host page size in bytes.
+pub fn page_size() -> u64 {
+    crate::sys::mman::page_size() as u64
+}
+
+/// Checks that `offset..offset+len` is non-empty, page-aligned and inside `size` bytes.
+pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<(), MemoryError> {
+    let page = page_size();
+    if len == 0 || !offset.is_multiple_of(page) || !len.is_multiple_of(page) {
+        return Err(MemoryError::RangeNotPageAligned { offset, len });
+    }
+    if offset.checked_add(len).is_none_or(|end| end > size) {
+        return Err(MemoryError::RangeOutOfBounds { offset, len, size });
+    }
+    Ok(())
+}

@@ -1,0 +1,84 @@
+//! KVM calls that kvm-ioctls leaves unsafe or raw: guest_memfd creation and memslot binding.
+
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use kvm_bindings::{kvm_create_guest_memfd, kvm_userspace_memory_region2};
+use kvm_ioctls::VmFd;
+
+/// `KVM_CAP_USER_MEMORY2`: `KVM_SET_USER_MEMORY_REGION2` exists.
+pub const KVM_CAP_USER_MEMORY2: u64 = 231;
+/// `KVM_CAP_MEMORY_ATTRIBUTES`: per-page private/shared attributes (confidential VMs).
+pub const KVM_CAP_MEMORY_ATTRIBUTES: u64 = 233;
+/// `KVM_CAP_GUEST_MEMFD`: `KVM_CREATE_GUEST_MEMFD` exists.
+pub const KVM_CAP_GUEST_MEMFD: u64 = 234;
+/// `KVM_CAP_VM_TYPES`: bitmap of the VM types `KVM_CREATE_VM` accepts.
+pub const KVM_CAP_VM_TYPES: u64 = 235;
+/// `KVM_CAP_GUEST_MEMFD_FLAGS`: bitmap of the `GUEST_MEMFD_FLAG_*` this VM accepts.
+/// Not in kvm-bindings 0.14.
+pub const KVM_CAP_GUEST_MEMFD_FLAGS: u64 = 244;
+
+/// The gmem may be mmap()ed by the host (`GUEST_MEMFD_FLAG_MMAP`). Not in kvm-bindings 0.14.
+pub const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
+/// Pages start out shared, so host faults succeed (`GUEST_MEMFD_FLAG_INIT_SHARED`).
+/// Without it a host fault on an MMAP gmem gets SIGBUS.
+pub const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
+/// Folios may be migrated by the kernel. Our kernel series (kernel/patches) adds it on
+/// the next free bit; stock kernels reject it, and report it absent in the flags cap.
+pub const GUEST_MEMFD_FLAG_MIGRATABLE: u64 = 1 << 2;
+
+/// `KVM_MEM_GUEST_MEMFD`: the memslot's private backing is a guest_memfd.
+pub const KVM_MEM_GUEST_MEMFD: u32 = kvm_bindings::KVM_MEM_GUEST_MEMFD;
+
+/// Creates a guest_memfd of `size` bytes with `flags` (`KVM_CREATE_GUEST_MEMFD`).
+///
+/// The returned descriptor is owned from the moment the ioctl returns it.
+pub fn create_guest_memfd(vm: &VmFd, size: u64, flags: u64) -> Result<OwnedFd, kvm_ioctls::Error> {
+    let request = kvm_create_guest_memfd {
+        size,
+        flags,
+        ..Default::default()
+    };
+    let raw = vm.create_guest_memfd(request)?;
+    // SAFETY: `raw` was just returned by a successful KVM_CREATE_GUEST_MEMFD; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// One memslot as `KVM_SET_USER_MEMORY_REGION2` sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemslotRegion {
+    /// KVM memslot id.
+    pub slot: u32,
+    /// Guest physical address of the first byte.
+    pub guest_phys_addr: u64,
+    /// Bytes covered; 0 deletes the slot.
+    pub size: u64,
+    /// Host virtual address of the same bytes (the gmem's own mmap).
+    pub userspace_addr: u64,
+    /// Offset of the slot's first byte inside the guest_memfd.
+    pub gmem_offset: u64,
+}
+
+/// Creates, moves or deletes a gmem-backed memslot (`KVM_SET_USER_MEMORY_REGION2` with
+/// `KVM_MEM_GUEST_MEMFD`).
+///
+/// Crate-private: the caller must keep `userspace_addr..+size` mapped until the slot is
+/// deleted. `memory::GuestMemory` upholds that by deleting its slots before it unmaps.
+pub(crate) fn set_user_memory_region2(
+    vm: &VmFd,
+    gmem: BorrowedFd<'_>,
+    region: MemslotRegion,
+) -> Result<(), kvm_ioctls::Error> {
+    let raw = kvm_userspace_memory_region2 {
+        slot: region.slot,
+        flags: KVM_MEM_GUEST_MEMFD,
+        guest_phys_addr: region.guest_phys_addr,
+        memory_size: region.size,
+        userspace_addr: region.userspace_addr,
+        guest_memfd_offset: region.gmem_offset,
+        guest_memfd: gmem.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: the host range is a live shared mapping of the same gmem, kept mapped by the
+    // caller until this slot is deleted (see the function's contract).
+    unsafe { vm.set_user_memory_region2(raw) }
+}

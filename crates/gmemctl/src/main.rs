@@ -1,0 +1,57 @@
+//! `gmemctl`: probe, place, inspect and migrate KVM guest_memfd memory across NUMA nodes.
+
+mod cmd;
+mod error;
+mod table;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use error::CliError;
+
+/// Make KVM guest_memfd memory movable between NUMA nodes, and prove nothing is lost.
+#[derive(Debug, Parser)]
+#[command(name = "gmemctl", version, about, long_about = None)]
+struct Cli {
+    /// KVM device to use.
+    #[arg(long, global = true, value_name = "PATH", default_value = gmem::kvm::DEFAULT_KVM_DEVICE)]
+    kvm_device: PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Report what this host can do: KVM and guest_memfd capabilities, NUMA nodes, whether
+    /// mbind places gmem pages, and whether the kernel migrates gmem folios (tried live).
+    Probe(cmd::probe::Args),
+    /// Show the guest_memfd mappings of a process with their policy and pages per node,
+    /// like `numastat -p`, but gmem-aware.
+    Status(cmd::status::Args),
+}
+
+fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Probe(args) => cmd::probe::run(&cli.kvm_device, args),
+        Command::Status(args) => cmd::status::run(args),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("gmemctl: {err}");
+            let mut cause = std::error::Error::source(&err);
+            while let Some(c) = cause {
+                eprintln!("  caused by: {c}");
+                cause = c.source();
+            }
+            ExitCode::from(err.exit_code())
+        }
+    }
+}
