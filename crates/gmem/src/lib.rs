@@ -10,3 +10,4 @@ pub mod kvm;
 pub mod memory;
 pub mod numa;
 pub mod probe;
+pub mod testing;

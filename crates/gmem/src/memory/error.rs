@@ -3,7 +3,7 @@
 use std::io;
 
 use super::GmemFlags;
-use crate::numa::{NodeId, NodeMask};
+use crate::numa::NodeId;
 
 /// A failed guest-memory operation. Variants name the operation; user errors explain the fix.
 #[derive(Debug, thiserror::Error)]
@@ -103,8 +103,8 @@ pub enum MemoryError {
     NoSuchNode {
         /// The node asked for.
         node: NodeId,
-        /// The nodes that exist.
-        online: NodeMask,
+        /// The nodes that exist, in list syntax.
+        online: String,
     },
     /// The host topology could not be read.
     #[error(transparent)]

@@ -65,7 +65,10 @@ impl Policy {
     pub fn validate(&self, topology: &Topology) -> Result<(), MemoryError> {
         let online = topology.node_mask();
         match self.nodes().difference(&online).first() {
-            Some(node) => Err(MemoryError::NoSuchNode { node, online }),
+            Some(node) => Err(MemoryError::NoSuchNode {
+                node,
+                online: online.to_string(),
+            }),
             None => Ok(()),
         }
     }

@@ -23,3 +23,4 @@ macro_rules! syscall {
 pub mod kvm;
 pub mod mempolicy;
 pub mod mman;
+pub mod sched;
