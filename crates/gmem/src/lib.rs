@@ -8,6 +8,7 @@ pub mod sys;
 
 pub mod kvm;
 pub mod memory;
+pub mod migrate;
 pub mod numa;
 pub mod probe;
 pub mod testing;
