@@ -1,0 +1,588 @@
+//! The lab tests that run inside the two-node guest.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::ffi::c_void;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use kvm_bindings::kvm_create_guest_memfd;
+use kvm_ioctls::Kvm;
+use serde_json::{Value, json};
+use thiserror::Error;
+
+use super::Verdict;
+use super::sys::{self, MPOL_BIND, MPOL_MF_MOVE, MPOL_MF_STRICT, Mapping};
+use crate::report::Status;
+
+/// `GUEST_MEMFD_FLAG_MMAP` (not in kvm-bindings 0.14).
+const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
+/// `GUEST_MEMFD_FLAG_INIT_SHARED` (not in kvm-bindings 0.14).
+const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
+const KVM_CAP_GUEST_MEMFD: u64 = 234;
+const KVM_CAP_GUEST_MEMFD_FLAGS: u64 = 244;
+/// KVM_GET_API_VERSION has returned 12 since Linux 2.6.22.
+const KVM_API_VERSION: i32 = 12;
+
+/// Pages each memory test moves.
+const PAGES: usize = 256;
+/// Pre-filled into move_pages' status[] so an entry the kernel never wrote is visible.
+const SENTINEL: i32 = i32::MIN;
+const NODE_SYSFS: &str = "/sys/devices/system/node";
+const GMEMCTL: &str = "/bin/gmemctl";
+
+/// Errors that stop an in-guest test before it can reach a verdict.
+#[derive(Debug, Error)]
+pub enum GuestError {
+    #[error("unknown test `{0}` (see `gmem-lab tests`)")]
+    UnknownTest(String),
+    #[error("cannot read {path}")]
+    ReadSys {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM_CREATE_VM failed")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error("KVM_CREATE_GUEST_MEMFD (size {size}, flags {flags:#x}) failed")]
+    CreateGuestMemfd {
+        size: u64,
+        flags: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("mmap of {len} bytes ({what}) failed")]
+    Mmap {
+        what: &'static str,
+        len: usize,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mbind(MPOL_BIND, node {node}) failed")]
+    Mbind {
+        node: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("move_pages ({what}) failed")]
+    MovePages {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot run `{command}`")]
+    Spawn {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn read_sys(path: impl AsRef<Path>) -> Result<String, GuestError> {
+    let path = path.as_ref();
+    fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .map_err(|source| GuestError::ReadSys {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Parses a kernel node/cpu list such as `0-1` or `0,2-3`.
+pub fn parse_list(text: &str) -> Option<Vec<u32>> {
+    let mut out = Vec::new();
+    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u32, u32) = (a.parse().ok()?, b.parse().ok()?);
+                if a > b {
+                    return None;
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().ok()?),
+        }
+    }
+    Some(out)
+}
+
+/// `MemTotal` in kB from a node's meminfo (`Node 0 MemTotal:  1012345 kB`).
+pub fn node_mem_total_kb(meminfo: &str) -> Option<u64> {
+    meminfo.lines().find_map(|l| {
+        let (_, rest) = l.split_once("MemTotal:")?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// Counts of each value, with [`SENTINEL`] shown as `unwritten` and negatives as errno names.
+pub fn histogram(values: &[i32]) -> BTreeMap<String, usize> {
+    let mut h = BTreeMap::new();
+    for &v in values {
+        let key = match v {
+            SENTINEL => "unwritten".to_owned(),
+            v if v == -libc::ENOENT => "-ENOENT".to_owned(),
+            v if v == -libc::EBUSY => "-EBUSY".to_owned(),
+            v if v == -libc::EFAULT => "-EFAULT".to_owned(),
+            v if v == -libc::EACCES => "-EACCES".to_owned(),
+            v if v == -libc::ENOMEM => "-ENOMEM".to_owned(),
+            v => v.to_string(),
+        };
+        *h.entry(key).or_insert(0) += 1;
+    }
+    h
+}
+
+fn all_on(values: &[i32], node: i32) -> bool {
+    !values.is_empty() && values.iter().all(|&v| v == node)
+}
+
+fn fill(m: &mut Mapping) {
+    let ps = sys::page_size();
+    for (i, page) in m.as_mut_slice().chunks_mut(ps).enumerate() {
+        page.fill((i & 0xff) as u8);
+    }
+}
+
+/// Number of pages whose bytes are not all `(i & 0xff)`.
+fn bad_pages(m: &Mapping) -> usize {
+    let ps = sys::page_size();
+    m.as_slice()
+        .chunks(ps)
+        .enumerate()
+        .filter(|(i, page)| page.iter().any(|&b| b != (*i & 0xff) as u8))
+        .count()
+}
+
+fn query_nodes(pages: &[*mut c_void], what: &'static str) -> Result<Vec<i32>, GuestError> {
+    sys::page_nodes(pages).map_err(|source| GuestError::MovePages { what, source })
+}
+
+/// move_pages every page to `node`: (return value or errno, status[] as left by the kernel).
+fn move_all(pages: &[*mut c_void], node: i32) -> (Result<i64, io::Error>, Vec<i32>) {
+    let nodes = vec![node; pages.len()];
+    let mut status = vec![SENTINEL; pages.len()];
+    let rc = sys::move_pages(pages, Some(&nodes), &mut status, MPOL_MF_MOVE as i32);
+    (rc, status)
+}
+
+fn rc_json(rc: &Result<i64, io::Error>) -> Value {
+    match rc {
+        Ok(n) => json!(n),
+        Err(e) => json!(format!("error: {e}")),
+    }
+}
+
+/// This process's numa_maps line for the mapping starting at `addr`.
+fn numa_maps_line(addr: usize) -> Option<String> {
+    let text = fs::read_to_string("/proc/self/numa_maps").ok()?;
+    let prefix = format!("{addr:x} ");
+    text.lines()
+        .find(|l| l.starts_with(&prefix))
+        .map(str::to_owned)
+}
+
+/// `nodes`: two online nodes with memory, and a working /dev/kvm.
+pub fn nodes() -> Result<Verdict, GuestError> {
+    let mut problems = Vec::new();
+    let online = read_sys(format!("{NODE_SYSFS}/online"))?;
+    let has_memory = read_sys(format!("{NODE_SYSFS}/has_memory")).ok();
+    let ids = parse_list(&online).unwrap_or_default();
+    let mut nodes = Vec::new();
+    for id in &ids {
+        let mem = read_sys(format!("{NODE_SYSFS}/node{id}/meminfo"))
+            .ok()
+            .and_then(|m| node_mem_total_kb(&m));
+        let cpus = read_sys(format!("{NODE_SYSFS}/node{id}/cpulist")).ok();
+        if mem.unwrap_or(0) == 0 {
+            problems.push(format!("node {id} has no memory"));
+        }
+        nodes.push(json!({ "node": id, "mem_total_kb": mem, "cpus": cpus }));
+    }
+    if ids.len() != 2 {
+        problems.push(format!("expected 2 online nodes, found `{online}`"));
+    }
+    let dev_kvm = Path::new("/dev/kvm").exists();
+    let kvm = match Kvm::new() {
+        Ok(k) => {
+            let api = k.get_api_version();
+            if api != KVM_API_VERSION {
+                problems.push(format!(
+                    "KVM_GET_API_VERSION is {api}, not {KVM_API_VERSION}"
+                ));
+            }
+            let vm_flags = k
+                .create_vm()
+                .map(|vm| vm.check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS))
+                .ok();
+            json!({
+                "api_version": api,
+                "cap_guest_memfd": k.check_extension_raw(KVM_CAP_GUEST_MEMFD),
+                "cap_guest_memfd_flags": vm_flags,
+            })
+        }
+        Err(e) => {
+            problems.push(format!("cannot open /dev/kvm: {e}"));
+            json!(null)
+        }
+    };
+    let status = if problems.is_empty() {
+        Status::Pass
+    } else {
+        Status::Fail
+    };
+    Ok(Verdict {
+        status,
+        detail: json!({
+            "online": online,
+            "has_memory": has_memory,
+            "nodes": nodes,
+            "dev_kvm": dev_kvm,
+            "kvm": kvm,
+            "kernel": read_sys("/proc/sys/kernel/osrelease").ok(),
+            "problems": problems,
+        }),
+    })
+}
+
+/// `anon-control`: anonymous pages bound to node 0 move to node 1 and back.
+pub fn anon_control() -> Result<Verdict, GuestError> {
+    let len = PAGES * sys::page_size();
+    let mut m = Mapping::anonymous(len).map_err(|source| GuestError::Mmap {
+        what: "anonymous",
+        len,
+        source,
+    })?;
+    m.mbind(MPOL_BIND, &[0], 0)
+        .map_err(|source| GuestError::Mbind { node: 0, source })?;
+    fill(&mut m);
+    let pages = m.pages();
+    let before = query_nodes(&pages, "query before")?;
+    let (rc1, status1) = move_all(&pages, 1);
+    let on1 = query_nodes(&pages, "query after move to 1")?;
+    let bad1 = bad_pages(&m);
+    let (rc0, status0) = move_all(&pages, 0);
+    let on0 = query_nodes(&pages, "query after move back to 0")?;
+    let bad0 = bad_pages(&m);
+
+    let mut problems = Vec::new();
+    if !all_on(&before, 0) {
+        problems.push("pages did not start on node 0");
+    }
+    if !matches!(rc1, Ok(0)) || !all_on(&status1, 1) || !all_on(&on1, 1) {
+        problems.push("the move to node 1 did not move every page");
+    }
+    if !matches!(rc0, Ok(0)) || !all_on(&status0, 0) || !all_on(&on0, 0) {
+        problems.push("the move back to node 0 did not move every page");
+    }
+    if bad1 + bad0 > 0 {
+        problems.push("page contents changed");
+    }
+    Ok(Verdict {
+        status: if problems.is_empty() {
+            Status::Pass
+        } else {
+            Status::Fail
+        },
+        detail: json!({
+            "pages": PAGES,
+            "nodes_before": histogram(&before),
+            "to_node1": { "move_pages": rc_json(&rc1), "status": histogram(&status1),
+                          "nodes_after": histogram(&on1), "bad_pages": bad1 },
+            "to_node0": { "move_pages": rc_json(&rc0), "status": histogram(&status0),
+                          "nodes_after": histogram(&on0), "bad_pages": bad0 },
+            "problems": problems,
+        }),
+    })
+}
+
+/// `gmem-stock`: gmem made without MIGRATABLE must stay put, with its bytes intact; the
+/// detail records exactly how the kernel refused.
+pub fn gmem_stock() -> Result<Verdict, GuestError> {
+    let kvm = Kvm::new().map_err(GuestError::OpenKvm)?;
+    let vm = kvm.create_vm().map_err(GuestError::CreateVm)?;
+    let cap_flags = vm.check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS);
+    let len = PAGES * sys::page_size();
+    let size = len as u64;
+    let flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+    let raw = vm
+        .create_guest_memfd(kvm_create_guest_memfd {
+            size,
+            flags,
+            reserved: [0; 6],
+        })
+        .map_err(|source| GuestError::CreateGuestMemfd {
+            size,
+            flags,
+            source,
+        })?;
+    // SAFETY: KVM_CREATE_GUEST_MEMFD just returned this descriptor and nothing else owns it.
+    let gmem = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut m = Mapping::shared(gmem.as_fd(), len).map_err(|source| GuestError::Mmap {
+        what: "guest_memfd MAP_SHARED",
+        len,
+        source,
+    })?;
+    m.mbind(MPOL_BIND, &[0], 0)
+        .map_err(|source| GuestError::Mbind { node: 0, source })?;
+    fill(&mut m);
+    let pages = m.pages();
+    let before = query_nodes(&pages, "query before")?;
+    let maps_before = numa_maps_line(m.addr());
+
+    let (rc, status) = move_all(&pages, 1);
+    let after_move = query_nodes(&pages, "query after move_pages")?;
+    let bad_after_move = bad_pages(&m);
+
+    let strict = m.mbind(MPOL_BIND, &[1], MPOL_MF_MOVE | MPOL_MF_STRICT);
+    let after_mbind = query_nodes(&pages, "query after mbind(MOVE|STRICT)")?;
+    let bad_after_mbind = bad_pages(&m);
+    let maps_after = numa_maps_line(m.addr());
+
+    let mut problems = Vec::new();
+    if !all_on(&before, 0) {
+        problems.push("gmem pages did not start on node 0");
+    }
+    if after_move.contains(&1) || after_mbind.contains(&1) {
+        problems.push("gmem pages created without MIGRATABLE moved to node 1");
+    } else if matches!(rc, Ok(0)) {
+        problems.push("move_pages returned 0 (success) but the pages did not move");
+    }
+    if bad_after_move + bad_after_mbind > 0 {
+        problems.push("gmem page contents changed");
+    }
+    let refusal = match &rc {
+        Ok(n) if *n > 0 => format!(
+            "move_pages returned {n} (pages not moved); status[] {}",
+            if status.iter().all(|&s| s == SENTINEL) {
+                "left unwritten"
+            } else {
+                "partly written"
+            }
+        ),
+        Ok(n) => format!("move_pages returned {n}"),
+        Err(e) => format!("move_pages failed: {e}"),
+    };
+    Ok(Verdict {
+        status: if problems.is_empty() {
+            Status::Pass
+        } else {
+            Status::Fail
+        },
+        detail: json!({
+            "pages": PAGES,
+            "gmem_flags": flags,
+            "cap_guest_memfd_flags": cap_flags,
+            "nodes_before": histogram(&before),
+            "move_pages": rc_json(&rc),
+            "move_pages_status": histogram(&status),
+            "nodes_after_move_pages": histogram(&after_move),
+            "bad_pages_after_move_pages": bad_after_move,
+            "mbind_move_strict": match &strict {
+                Ok(()) => "ok".to_owned(),
+                Err(e) => format!("error: {e}"),
+            },
+            "nodes_after_mbind": histogram(&after_mbind),
+            "bad_pages_after_mbind": bad_after_mbind,
+            "numa_maps_before": maps_before,
+            "numa_maps_after": maps_after,
+            "refusal": refusal,
+            "problems": problems,
+        }),
+    })
+}
+
+/// The node count in a probe report: the first of `numa_nodes`, `nodes`, `node_count`,
+/// `online_nodes` found at the top level or one object down (an array counts its entries).
+pub fn probe_node_count(v: &Value) -> Option<u64> {
+    const KEYS: &[&str] = &["numa_nodes", "nodes", "node_count", "online_nodes"];
+    let count = |x: &Value| match x {
+        Value::Array(a) => Some(a.len() as u64),
+        Value::Number(n) => n.as_u64(),
+        _ => None,
+    };
+    let obj = v.as_object()?;
+    KEYS.iter()
+        .find_map(|k| obj.get(*k).and_then(count))
+        .or_else(|| {
+            obj.values()
+                .filter_map(Value::as_object)
+                .find_map(|o| KEYS.iter().find_map(|k| o.get(*k).and_then(count)))
+        })
+}
+
+/// `gmemctl-probe`: gmemctl's own view of the machine must show two nodes.
+pub fn gmemctl_probe() -> Result<Verdict, GuestError> {
+    let skip = |reason: String, extra: Value| Verdict {
+        status: Status::Skip,
+        detail: json!({ "reason": reason, "output": extra }),
+    };
+    if !Path::new(GMEMCTL).exists() {
+        return Ok(skip(
+            format!("{GMEMCTL} is not in the initramfs (gmem-lab run --gmemctl PATH)"),
+            Value::Null,
+        ));
+    }
+    let command = format!("{GMEMCTL} probe --json");
+    let out = Command::new(GMEMCTL)
+        .args(["probe", "--json"])
+        .output()
+        .map_err(|source| GuestError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        let missing = ["unrecognized subcommand", "unexpected argument", "unknown"]
+            .iter()
+            .any(|p| stderr.contains(p));
+        if missing {
+            return Ok(skip(
+                "this gmemctl has no `probe --json`".to_owned(),
+                json!({ "stderr": stderr }),
+            ));
+        }
+        return Ok(Verdict {
+            status: Status::Fail,
+            detail: json!({ "command": command, "exit": out.status.code(),
+                            "stdout": stdout, "stderr": stderr }),
+        });
+    }
+    let report: Value = match serde_json::from_str(&stdout) {
+        Ok(v) => v,
+        Err(e) => {
+            return Ok(Verdict {
+                status: Status::Fail,
+                detail: json!({ "error": format!("output is not JSON: {e}"), "stdout": stdout }),
+            });
+        }
+    };
+    let count = probe_node_count(&report);
+    let status = if count == Some(2) {
+        Status::Pass
+    } else {
+        Status::Fail
+    };
+    Ok(Verdict {
+        status,
+        detail: json!({ "node_count": count, "probe": report }),
+    })
+}
+
+/// Lines of output an `exec:` test keeps in its detail.
+const EXEC_TAIL: usize = 40;
+
+/// `exec:<command>`: runs the command (via /bin/sh), echoes its output to the console
+/// indented, and reports pass on exit 0, skip on 4 (kselftest), fail otherwise.
+pub fn exec(command: &str) -> Result<Verdict, GuestError> {
+    let spawn_err = |source| GuestError::Spawn {
+        command: command.to_owned(),
+        source,
+    };
+    let mut child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("exec {command} 2>&1"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    let mut tail = VecDeque::new();
+    let mut totals = None;
+    if let Some(out) = child.stdout.take() {
+        let mut console = io::stdout();
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            let _ = writeln!(console, "  | {line}");
+            if line.starts_with("# Totals:") {
+                totals = Some(line.clone());
+            }
+            if tail.len() == EXEC_TAIL {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+    }
+    let status = child.wait().map_err(spawn_err)?;
+    let verdict = match status.code() {
+        Some(0) => Status::Pass,
+        Some(4) => Status::Skip,
+        _ => Status::Fail,
+    };
+    Ok(Verdict {
+        status: verdict,
+        detail: json!({
+            "command": command,
+            "exit": status.code(),
+            "signal": std::os::unix::process::ExitStatusExt::signal(&status),
+            "kselftest_totals": totals,
+            "output_tail": tail,
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_node_lists() {
+        assert_eq!(parse_list("0-1\n"), Some(vec![0, 1]));
+        assert_eq!(parse_list("0,2-3"), Some(vec![0, 2, 3]));
+        assert_eq!(parse_list("0"), Some(vec![0]));
+        assert_eq!(parse_list(""), Some(vec![]));
+        assert_eq!(parse_list("3-1"), None);
+        assert_eq!(parse_list("x"), None);
+    }
+
+    #[test]
+    fn reads_node_meminfo() {
+        let m = "Node 1 MemTotal:        1015752 kB\nNode 1 MemFree:          990000 kB\n";
+        assert_eq!(node_mem_total_kb(m), Some(1_015_752));
+        assert_eq!(node_mem_total_kb("nothing"), None);
+    }
+
+    #[test]
+    fn histogram_names_sentinel_and_errnos() {
+        let h = histogram(&[1, 1, SENTINEL, -libc::ENOENT, 0]);
+        assert_eq!(h["1"], 2);
+        assert_eq!(h["unwritten"], 1);
+        assert_eq!(h["-ENOENT"], 1);
+        assert_eq!(h["0"], 1);
+    }
+
+    #[test]
+    fn finds_probe_node_counts() {
+        assert_eq!(
+            probe_node_count(&json!({"nodes": [{"id":0},{"id":1}]})),
+            Some(2)
+        );
+        assert_eq!(
+            probe_node_count(&json!({"numa": {"node_count": 2}})),
+            Some(2)
+        );
+        assert_eq!(
+            probe_node_count(&json!({"numa_nodes": 1, "nodes": [0, 1]})),
+            Some(1)
+        );
+        assert_eq!(probe_node_count(&json!({"kvm": true})), None);
+        assert_eq!(probe_node_count(&json!([1, 2])), None);
+    }
+
+    #[test]
+    fn moves_anonymous_memory_on_this_host() {
+        // Single-node hosts: moving to node 0 must succeed and leave the bytes alone.
+        let len = 8 * sys::page_size();
+        let mut m = Mapping::anonymous(len).unwrap();
+        fill(&mut m);
+        let pages = m.pages();
+        let (rc, status) = move_all(&pages, 0);
+        assert_eq!(rc.unwrap(), 0);
+        assert!(all_on(&status, 0), "{status:?}");
+        assert_eq!(bad_pages(&m), 0);
+        assert!(numa_maps_line(m.addr()).is_some());
+    }
+}

@@ -1,0 +1,123 @@
+//! The in-guest agent: `gmem-lab guest <test>` runs one lab test and prints its result line.
+
+mod checks;
+mod sys;
+
+use std::io::Write;
+use std::panic::{self, AssertUnwindSafe};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use serde_json::json;
+
+use crate::report::{Status, TestResult, error_chain};
+
+pub use checks::GuestError;
+
+/// A built-in lab test.
+#[derive(Debug, Clone, Copy)]
+pub struct TestInfo {
+    pub name: &'static str,
+    pub about: &'static str,
+}
+
+/// The built-in tests, in their default order.
+pub const BUILTIN: &[TestInfo] = &[
+    TestInfo {
+        name: "nodes",
+        about: "two online NUMA nodes with memory; /dev/kvm opens (after insmod or built in)",
+    },
+    TestInfo {
+        name: "anon-control",
+        about: "anonymous memory bound to node 0 moves to node 1 and back with move_pages: \
+                proves the nodes are real",
+    },
+    TestInfo {
+        name: "gmem-stock",
+        about: "a guest_memfd made with MMAP|INIT_SHARED (no MIGRATABLE) stays on node 0 under \
+                move_pages and mbind(MPOL_MF_MOVE|STRICT), every byte intact; reports how the \
+                kernel refused",
+    },
+    TestInfo {
+        name: "gmemctl-probe",
+        about: "`/bin/gmemctl probe --json` sees 2 NUMA nodes (skips, loudly, without gmemctl)",
+    },
+];
+
+/// The prefix of an ad-hoc test: `exec:<command>` runs the command in the guest and passes
+/// on exit 0, skips on exit 4 (the kselftest convention), fails otherwise.
+pub const EXEC_PREFIX: &str = "exec:";
+
+/// Names of the tests `gmem-lab run` runs by default.
+pub fn default_tests() -> Vec<String> {
+    BUILTIN.iter().map(|t| t.name.to_owned()).collect()
+}
+
+/// Whether the agent knows how to run `name`.
+pub fn is_known(name: &str) -> bool {
+    BUILTIN.iter().any(|t| t.name == name)
+        || name
+            .strip_prefix(EXEC_PREFIX)
+            .is_some_and(|c| !c.trim().is_empty())
+}
+
+/// What a test concluded, with its evidence.
+#[derive(Debug)]
+pub struct Verdict {
+    pub status: Status,
+    pub detail: serde_json::Value,
+}
+
+fn dispatch(name: &str) -> Result<Verdict, GuestError> {
+    match name {
+        "nodes" => checks::nodes(),
+        "anon-control" => checks::anon_control(),
+        "gmem-stock" => checks::gmem_stock(),
+        "gmemctl-probe" => checks::gmemctl_probe(),
+        _ => match name.strip_prefix(EXEC_PREFIX) {
+            Some(cmd) if !cmd.trim().is_empty() => checks::exec(cmd),
+            _ => Err(GuestError::UnknownTest(name.to_owned())),
+        },
+    }
+}
+
+/// Runs one test and prints exactly one `GMEMLAB-RESULT` line. A test that errors or panics
+/// is reported as a failure with the cause; the exit code is 0 once the line is out.
+pub fn run(name: &str) -> ExitCode {
+    let start = Instant::now();
+    let verdict = match panic::catch_unwind(AssertUnwindSafe(|| dispatch(name))) {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => Verdict {
+            status: Status::Fail,
+            detail: json!({ "error": error_chain(&e) }),
+        },
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".to_owned());
+            Verdict {
+                status: Status::Fail,
+                detail: json!({ "error": format!("the test panicked: {msg}") }),
+            }
+        }
+    };
+    let result = TestResult {
+        test: name.to_owned(),
+        status: verdict.status,
+        detail: verdict.detail,
+        duration_ms: Some(u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)),
+    };
+    // One write for the whole line, so nothing else on the console can split it.
+    let line = format!("{}\n", result.to_line());
+    let mut out = std::io::stdout().lock();
+    if out
+        .write_all(line.as_bytes())
+        .and_then(|()| out.flush())
+        .is_err()
+    {
+        return ExitCode::from(3);
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,233 @@
+//! Builds the lab's gzip'd newc initramfs: busybox, the static agent, KVM modules and /init.
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use thiserror::Error;
+
+use crate::cpio::NewcWriter;
+use crate::elf;
+
+/// Errors while assembling the initramfs.
+#[derive(Debug, Error)]
+pub enum InitramfsError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{path} cannot run in the initramfs: it is dynamically linked (build it with RUSTFLAGS='-C target-feature=+crt-static')"
+    )]
+    Dynamic { path: PathBuf },
+    #[error("{path} is not a usable executable")]
+    BadElf {
+        path: PathBuf,
+        #[source]
+        source: elf::ElfError,
+    },
+    #[error("{path}: two binaries would both be /bin/{name}")]
+    DuplicateBinary { path: PathBuf, name: String },
+    #[error("invalid test name {name:?}: {reason}")]
+    BadTestName { name: String, reason: &'static str },
+    #[error("cannot write the initramfs {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What goes into the initramfs.
+#[derive(Debug, Clone)]
+pub struct Contents {
+    pub busybox: PathBuf,
+    /// A static `gmem-lab`, installed as /bin/gmem-lab and run as `gmem-lab guest <test>`.
+    pub agent: PathBuf,
+    /// Other executables (a static gmemctl, a kernel selftest, ...), installed in /bin by name.
+    pub bins: Vec<PathBuf>,
+    /// (module name, decompressed .ko), loaded with insmod in this order. Empty for a kernel
+    /// with KVM built in.
+    pub modules: Vec<(String, PathBuf)>,
+    pub tests: Vec<String>,
+}
+
+/// Checks a test name is safe to quote in /init and to embed in a JSON line.
+pub fn check_test_name(name: &str) -> Result<(), InitramfsError> {
+    let bad = |reason| {
+        Err(InitramfsError::BadTestName {
+            name: name.to_owned(),
+            reason,
+        })
+    };
+    if name.trim().is_empty() {
+        return bad("empty");
+    }
+    if name.chars().any(|c| c.is_control()) {
+        return bad("control characters are not allowed");
+    }
+    if name.contains(['\'', '"', '\\', ',', '`', '$']) {
+        return bad("quotes, backslashes, commas, backticks and $ are not allowed");
+    }
+    Ok(())
+}
+
+/// The /init script: mount, load modules, run each test with the agent, power off.
+pub fn init_script(tests: &[String]) -> String {
+    let quoted: Vec<String> = tests.iter().map(|t| format!("'{t}'")).collect();
+    format!(
+        r#"#!/bin/sh
+# gmem-lab /init: mount, load KVM, run the lab tests, report on the console, power off.
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t tmpfs tmpfs /tmp
+read up idle < /proc/uptime
+echo "GMEMLAB-BOOT {{\"uptime_s\":$up,\"kernel\":\"$(uname -r)\"}}"
+# Keep kernel messages off the console so they cannot split a result line.
+dmesg -n 1
+for ko in /lib/modules/gmemlab/*.ko; do
+    [ -e "$ko" ] || break
+    name=${{ko##*/}}; name=${{name#*-}}; name=${{name%.ko}}
+    if insmod "$ko"; then st=loaded; else st=failed; fi
+    echo "GMEMLAB-MODULE {{\"module\":\"$name\",\"status\":\"$st\"}}"
+done
+for t in {tests}; do
+    /bin/gmem-lab guest "$t"
+    rc=$?
+    [ "$rc" -eq 0 ] || echo "GMEMLAB-EXIT {{\"test\":\"$t\",\"code\":$rc}}"
+done
+echo "----- guest dmesg -----"
+dmesg
+echo "----- end of guest dmesg -----"
+echo GMEMLAB-DONE
+sync
+poweroff -f
+echo o > /proc/sysrq-trigger
+"#,
+        tests = quoted.join(" ")
+    )
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, InitramfsError> {
+    fs::read(path).map_err(|source| InitramfsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Reads an executable and insists that an ELF one is static.
+fn read_static_exe(path: &Path) -> Result<Vec<u8>, InitramfsError> {
+    let data = read(path)?;
+    if data.starts_with(b"#!") {
+        return Ok(data);
+    }
+    match elf::is_static(&data) {
+        Ok(true) => Ok(data),
+        Ok(false) => Err(InitramfsError::Dynamic {
+            path: path.to_owned(),
+        }),
+        Err(source) => Err(InitramfsError::BadElf {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Writes the initramfs to `out` and returns its size in bytes.
+pub fn build(c: &Contents, out: &Path) -> Result<u64, InitramfsError> {
+    for t in &c.tests {
+        check_test_name(t)?;
+    }
+    let write_err = |source| InitramfsError::Write {
+        path: out.to_owned(),
+        source,
+    };
+    let file = File::create(out).map_err(write_err)?;
+    let gz = GzEncoder::new(BufWriter::new(file), Compression::fast());
+    let mut w = NewcWriter::new(gz);
+    let add = |w: &mut NewcWriter<_>| -> Result<(), InitramfsError> {
+        for d in [
+            "bin",
+            "dev",
+            "proc",
+            "sys",
+            "tmp",
+            "run",
+            "root",
+            "lib",
+            "lib/modules",
+        ] {
+            w.dir(d, 0o755).map_err(write_err)?;
+        }
+        w.dir("lib/modules/gmemlab", 0o755).map_err(write_err)?;
+        w.char_dev("dev/console", 0o600, 5, 1).map_err(write_err)?;
+        w.char_dev("dev/null", 0o666, 1, 3).map_err(write_err)?;
+        w.file("bin/busybox", 0o755, &read_static_exe(&c.busybox)?)
+            .map_err(write_err)?;
+        w.symlink("bin/sh", "busybox").map_err(write_err)?;
+        w.file("bin/gmem-lab", 0o755, &read_static_exe(&c.agent)?)
+            .map_err(write_err)?;
+        let mut names = vec!["busybox".to_owned(), "sh".to_owned(), "gmem-lab".to_owned()];
+        for bin in &c.bins {
+            let name = bin
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            if names.contains(&name) {
+                return Err(InitramfsError::DuplicateBinary {
+                    path: bin.clone(),
+                    name,
+                });
+            }
+            w.file(&format!("bin/{name}"), 0o755, &read_static_exe(bin)?)
+                .map_err(write_err)?;
+            names.push(name);
+        }
+        for (i, (name, ko)) in c.modules.iter().enumerate() {
+            let path = format!("lib/modules/gmemlab/{}-{name}.ko", i + 1);
+            w.file(&path, 0o644, &read(ko)?).map_err(write_err)?;
+        }
+        w.file("init", 0o755, init_script(&c.tests).as_bytes())
+            .map_err(write_err)?;
+        Ok(())
+    };
+    add(&mut w)?;
+    let gz = w.finish().map_err(write_err)?;
+    let mut buf = gz.finish().map_err(write_err)?;
+    buf.flush().map_err(write_err)?;
+    drop(buf);
+    Ok(fs::metadata(out).map_err(write_err)?.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_names_are_checked() {
+        check_test_name("gmem-stock").unwrap();
+        check_test_name("exec:/bin/guest_memfd_test").unwrap();
+        check_test_name("exec:/bin/gmemctl selftest --mechanism remap").unwrap();
+        for bad in ["", " ", "a'b", "a,b", "a\"b", "a\nb", "$(x)", "a\\b"] {
+            assert!(check_test_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn init_runs_tests_in_order_and_powers_off() {
+        let s = init_script(&["nodes".into(), "exec:/bin/x -v".into()]);
+        assert!(s.starts_with("#!/bin/sh\n"));
+        assert!(s.contains("for t in 'nodes' 'exec:/bin/x -v'; do"));
+        let done = s.find("echo GMEMLAB-DONE").unwrap();
+        assert!(s.find("poweroff -f").unwrap() > done);
+        assert!(s.find("insmod").unwrap() < s.find("/bin/gmem-lab guest").unwrap());
+    }
+}

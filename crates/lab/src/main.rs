@@ -1,0 +1,281 @@
+//! gmem-lab: a two-node NUMA lab for guest_memfd migration, in QEMU with nested KVM.
+
+mod apt;
+mod cpio;
+mod deb;
+mod elf;
+mod guest;
+mod initramfs;
+mod paths;
+mod qemu;
+mod report;
+mod runner;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::report::error_chain;
+use crate::runner::{RunOptions, Verdict};
+
+const LONG_ABOUT: &str = "\
+Real cross-node moves need two NUMA nodes; the development machines have one. gmem-lab boots a
+QEMU guest (TCG, -cpu max, so KVM loads inside it) with two NUMA nodes, runs lab tests in it
+and reports structured results.
+
+It fetches Debian's 7.3 kernel from trixie-backports and busybox with apt-get download through
+a private apt state under ~/.cache/gmemctl/lab (the system's apt sources are never touched),
+verifies every .deb against the apt index's SHA256, builds an initramfs, and boots.
+
+The in-guest agent is gmem-lab itself, so it must be built static:
+  RUSTFLAGS='-C target-feature=+crt-static' cargo build --release \\
+      --target x86_64-unknown-linux-gnu -p gmem-lab
+  target/x86_64-unknown-linux-gnu/release/gmem-lab run
+
+Host needs: qemu-system-x86, dpkg-deb and apt-get (lab/install-host-deps installs them).";
+
+const RUN_AFTER_HELP: &str = "\
+Exit status: 0 all tests passed (or passed and skipped, with --allow-skip); 1 a test failed or
+the run broke (timeout, no result, failed insmod); 2 usage or setup error; 3 a test was skipped.
+The guest's serial log is kept on any non-pass, and its path printed.
+
+Examples:
+  gmem-lab run
+  gmem-lab run --tests nodes,gmem-stock --json
+  gmem-lab run --gmemctl target/x86_64-unknown-linux-gnu/release/gmemctl
+  gmem-lab run --kernel ~/.cache/gmemctl/kernel/bzImage --bin guest_memfd_test \\
+      --tests nodes,exec:/bin/guest_memfd_test";
+
+#[derive(Debug, Parser)]
+#[command(name = "gmem-lab", version, about = "Two-node QEMU lab for guest_memfd migration", long_about = LONG_ABOUT)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Download Debian packages through the private apt state, verify them, print their paths
+    ///
+    /// Each argument is an apt spec: NAME, NAME=VERSION or NAME/SUITE. The private sources list
+    /// trixie-backports, sid and bookworm on the host's Debian mirror. Downloads are cached in
+    /// ~/.cache/gmemctl/lab/debs keyed by version and checked against the index's SHA256 and
+    /// size; the verified path of each .deb is printed on stdout, one per line, in order.
+    Fetch {
+        /// Packages, e.g. linux-source-7.3 or busybox-static/bookworm
+        #[arg(required = true, value_name = "PACKAGE")]
+        packages: Vec<String>,
+        /// Run apt-get update on the private state even if its index is fresh (< 24 h)
+        #[arg(long)]
+        refresh: bool,
+    },
+    /// Fetch, build the initramfs, boot the two-node guest, run the tests, report
+    #[command(after_help = RUN_AFTER_HELP)]
+    Run(RunArgs),
+    /// Build the initramfs that `run` would boot, print its path and the kernel's, and stop
+    Initramfs {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Where to write the gzip'd cpio
+        #[arg(short, long, value_name = "PATH")]
+        output: PathBuf,
+    },
+    /// List the built-in tests
+    Tests,
+    /// Run one test inside the lab guest and print its GMEMLAB-RESULT line (used by /init)
+    Guest {
+        /// A built-in test name, or exec:<command>
+        test: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Comma-separated tests; built-ins (see `gmem-lab tests`) or exec:<command>
+    #[arg(long, value_delimiter = ',', value_name = "A,B,..")]
+    tests: Option<Vec<String>>,
+    /// Boot this bzImage instead of Debian's (its KVM must be built in unless --debian-modules)
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Load Debian's KVM modules even with --kernel
+    #[arg(long)]
+    debian_modules: bool,
+    /// Debian kernel release (linux-binary-<R> and linux-modules-<R>)
+    #[arg(long, value_name = "R", default_value = runner::DEBIAN_RELEASE)]
+    debian_release: String,
+    /// A static gmemctl to install as /bin/gmemctl
+    #[arg(long, value_name = "PATH")]
+    gmemctl: Option<PathBuf>,
+    /// Another static executable for /bin (repeatable)
+    #[arg(long = "bin", value_name = "PATH")]
+    bins: Vec<PathBuf>,
+    /// The static gmem-lab to use as the in-guest agent [default: this executable]
+    #[arg(long, value_name = "PATH")]
+    agent: Option<PathBuf>,
+    /// QEMU binary
+    #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// Kill QEMU if the guest has not finished after this many seconds
+    #[arg(long, value_name = "SECS", default_value_t = 180)]
+    timeout: u64,
+    /// Memory of each of the two NUMA nodes, in MiB
+    #[arg(long, value_name = "MIB", default_value_t = 1024)]
+    node_mib: u64,
+    /// Extra kernel command-line arguments
+    #[arg(long, value_name = "ARGS")]
+    append: Option<String>,
+    /// Keep the run directory (initramfs, serial log, report) even when everything passed
+    #[arg(long)]
+    keep: bool,
+    /// Accept skipped tests (exit 0); they are still reported, loudly
+    #[arg(long)]
+    allow_skip: bool,
+    /// Refresh the private apt index even if it is fresh
+    #[arg(long)]
+    refresh: bool,
+    /// Echo the guest's serial console to stderr
+    #[arg(long)]
+    console: bool,
+    /// Print the report as JSON on stdout (the summary goes to stderr)
+    #[arg(long)]
+    json: bool,
+}
+
+impl RunArgs {
+    fn options(&self) -> RunOptions {
+        RunOptions {
+            tests: self
+                .tests
+                .clone()
+                .map(|t| t.into_iter().map(|s| s.trim().to_owned()).collect())
+                .unwrap_or_else(guest::default_tests),
+            kernel: self.kernel.clone(),
+            debian_release: self.debian_release.clone(),
+            debian_modules: self.debian_modules,
+            gmemctl: self.gmemctl.clone(),
+            bins: self.bins.clone(),
+            agent: self.agent.clone(),
+            qemu: self.qemu.clone(),
+            timeout: Duration::from_secs(self.timeout),
+            node_mib: self.node_mib,
+            append: self.append.clone(),
+            keep: self.keep,
+            allow_skip: self.allow_skip,
+            refresh: self.refresh,
+            console: self.console,
+        }
+    }
+}
+
+fn fail(e: &dyn std::error::Error) -> ExitCode {
+    eprintln!("gmem-lab: error: {}", error_chain(e));
+    ExitCode::from(2)
+}
+
+fn run(args: &RunArgs) -> ExitCode {
+    let report = match runner::run(&args.options()) {
+        Ok(r) => r,
+        Err(e) => return fail(&e),
+    };
+    let mut summary = String::new();
+    for t in &report.tests {
+        let mut line = format!("  {:<8} {}", runner::status_word(t.status), t.test);
+        if t.status != report::Status::Pass {
+            line.push_str(&format!("  {}", t.detail));
+        }
+        summary.push_str(&line);
+        summary.push('\n');
+    }
+    for p in &report.problems {
+        summary.push_str(&format!("  problem: {p}\n"));
+    }
+    if report.skipped > 0 {
+        summary.push_str(&format!(
+            "  WARNING: {} test(s) SKIPPED: a skip is not a pass{}\n",
+            report.skipped,
+            if args.allow_skip {
+                " (accepted with --allow-skip)"
+            } else {
+                ""
+            }
+        ));
+    }
+    summary.push_str(&format!(
+        "  kernel {}; init reached after {}; QEMU ran {:.1} s; prepare {:.1} s; total {:.1} s\n",
+        report.kernel,
+        report
+            .init_reached_s
+            .map_or("never".to_owned(), |s| format!("{s:.1} s")),
+        report.qemu_s,
+        report.prepare_s,
+        report.total_s
+    ));
+    if let Some(log) = &report.guest_log {
+        summary.push_str(&format!("  guest log: {}\n", log.display()));
+    }
+    summary.push_str(&format!(
+        "lab: {} passed, {} failed, {} skipped\n",
+        report.passed, report.failed, report.skipped
+    ));
+    if args.json {
+        eprint!("{summary}");
+        match serde_json::to_string_pretty(&report) {
+            Ok(j) => println!("{j}"),
+            Err(e) => return fail(&e),
+        }
+    } else {
+        print!("{summary}");
+    }
+    match report.verdict {
+        Verdict::Pass => ExitCode::SUCCESS,
+        Verdict::Fail => ExitCode::from(1),
+        Verdict::Skip => ExitCode::from(3),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Fetch { packages, refresh } => {
+            let cache = match paths::cache_root() {
+                Ok(c) => c,
+                Err(e) => return fail(&e),
+            };
+            match apt::Fetcher::new(&cache).fetch(&apt::dedup(&packages), refresh) {
+                Ok(paths) => {
+                    for p in paths {
+                        println!("{}", p.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Cmd::Run(args) => run(&args),
+        Cmd::Initramfs { run, output } => match runner::prepare(&run.options(), &output) {
+            Ok(p) => {
+                println!(
+                    "initramfs {} ({} bytes)",
+                    p.initrd.display(),
+                    p.initrd_bytes
+                );
+                println!("kernel {}", p.kernel.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Cmd::Tests => {
+            for t in guest::BUILTIN {
+                println!("{:<14} {}", t.name, t.about);
+            }
+            println!(
+                "{:<14} run a command in the guest: exit 0 pass, 4 skip (kselftest), else fail",
+                format!("{}CMD", guest::EXEC_PREFIX)
+            );
+            ExitCode::SUCCESS
+        }
+        Cmd::Guest { test } => guest::run(&test),
+    }
+}

@@ -1,0 +1,254 @@
+//! Boots the two-node QEMU guest, streams its serial console, and enforces the timeout.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+/// How long QEMU may take to exit after the guest printed GMEMLAB-DONE.
+const POWEROFF_GRACE: Duration = Duration::from_secs(15);
+
+/// Errors while running QEMU.
+#[derive(Debug, Error)]
+pub enum QemuError {
+    #[error("cannot start {qemu} (install it with: apt-get install -y qemu-system-x86)")]
+    Spawn {
+        qemu: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot create {path}")]
+    CreateLog {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot wait for QEMU (pid {pid})")]
+    Wait {
+        pid: u32,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The machine to boot.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    pub qemu: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub append: String,
+    /// Memory of each of the two NUMA nodes.
+    pub node_mib: u64,
+    pub timeout: Duration,
+    /// The guest's serial console is copied here as it arrives.
+    pub serial_log: PathBuf,
+    /// QEMU's own stderr.
+    pub qemu_log: PathBuf,
+}
+
+/// How the boot ended.
+#[derive(Debug)]
+pub struct Boot {
+    pub exit: Option<ExitStatus>,
+    pub timed_out: bool,
+    pub saw_done: bool,
+    pub elapsed: Duration,
+    /// When the first GMEMLAB-BOOT line arrived (init reached).
+    pub init_at: Option<Duration>,
+    pub pid: u32,
+}
+
+impl Machine {
+    /// The QEMU command line: TCG with `-cpu max` (svm, npt) so KVM loads in the guest,
+    /// two sockets, each with its own memory backend and NUMA node.
+    pub fn args(&self) -> Vec<String> {
+        let n = self.node_mib;
+        let mut a: Vec<String> = vec![
+            "-accel".into(),
+            "tcg,thread=multi".into(),
+            "-cpu".into(),
+            "max".into(),
+            "-m".into(),
+            format!("{}M", 2 * n),
+            "-smp".into(),
+            "2,sockets=2,cores=1,threads=1".into(),
+        ];
+        for i in 0..2 {
+            a.push("-object".into());
+            a.push(format!("memory-backend-ram,id=m{i},size={n}M"));
+        }
+        for i in 0..2 {
+            a.push("-numa".into());
+            a.push(format!("node,nodeid={i},cpus={i},memdev=m{i}"));
+        }
+        a.extend(
+            [
+                "-nodefaults",
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+                "-no-reboot",
+            ]
+            .map(String::from),
+        );
+        a.push("-kernel".into());
+        a.push(self.kernel.display().to_string());
+        a.push("-initrd".into());
+        a.push(self.initrd.display().to_string());
+        a.push("-append".into());
+        a.push(self.append.clone());
+        a
+    }
+
+    /// Boots, hands each console line to `on_line` (which returns true once the guest said
+    /// GMEMLAB-DONE), and kills QEMU by its PID if the timeout passes first.
+    pub fn boot(&self, mut on_line: impl FnMut(&str) -> bool) -> Result<Boot, QemuError> {
+        let create = |path: &Path| {
+            File::create(path).map_err(|source| QemuError::CreateLog {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let mut serial = create(&self.serial_log)?;
+        let qemu_err = create(&self.qemu_log)?;
+        let mut cmd = Command::new(&self.qemu);
+        cmd.args(self.args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(qemu_err);
+        let die_with_parent = || {
+            // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on the calling process.
+            let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+            if rc == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        };
+        // SAFETY: the hook runs in the child between fork and exec and only calls prctl, which
+        // is async-signal-safe. It makes the kernel SIGKILL QEMU if gmem-lab dies first, so an
+        // interrupted run never leaves a QEMU behind.
+        unsafe {
+            cmd.pre_exec(die_with_parent);
+        }
+        let start = Instant::now();
+        let mut child = cmd.spawn().map_err(|source| QemuError::Spawn {
+            qemu: self.qemu.clone(),
+            source,
+        })?;
+        let pid = child.id();
+        let stdout = child.stdout.take();
+        let (tx, rx) = mpsc::channel::<String>();
+        let reader = thread::spawn(move || {
+            let Some(stdout) = stdout else { return };
+            let mut r = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match r.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {
+                        let _ = serial.write_all(&buf);
+                        let line = String::from_utf8_lossy(&buf);
+                        if tx.send(line.trim_end().to_owned()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+
+        let deadline = start + self.timeout;
+        let mut saw_done = false;
+        let mut init_at = None;
+        let mut done_at = None;
+        let mut timed_out = false;
+        let exit = loop {
+            if let Some(status) = try_wait(&mut child, pid)? {
+                break Some(status);
+            }
+            let now = Instant::now();
+            let limit = match done_at {
+                Some(t) => deadline.min(t + POWEROFF_GRACE),
+                None => deadline,
+            };
+            if now >= limit {
+                timed_out = done_at.is_none();
+                // Child::kill sends SIGKILL to this child's PID only.
+                let _ = child.kill();
+                break child.wait().ok();
+            }
+            match rx.recv_timeout(Duration::from_millis(50).min(limit - now)) {
+                Ok(line) => {
+                    if init_at.is_none() && line.contains(crate::report::BOOT) {
+                        init_at = Some(start.elapsed());
+                    }
+                    if on_line(&line) && !saw_done {
+                        saw_done = true;
+                        done_at = Some(Instant::now());
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // Console closed: QEMU is exiting; wait for it within the limits above.
+                    thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        // QEMU has exited, so its stdout is closed and the reader ends; drain what it read.
+        let _ = reader.join();
+        for line in rx.try_iter() {
+            if on_line(&line) {
+                saw_done = true;
+            }
+        }
+        Ok(Boot {
+            exit,
+            timed_out,
+            saw_done,
+            elapsed: start.elapsed(),
+            init_at,
+            pid,
+        })
+    }
+}
+
+fn try_wait(child: &mut Child, pid: u32) -> Result<Option<ExitStatus>, QemuError> {
+    child
+        .try_wait()
+        .map_err(|source| QemuError::Wait { pid, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_has_two_numa_nodes() {
+        let m = Machine {
+            qemu: "qemu-system-x86_64".into(),
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            append: "console=ttyS0 panic=-1".into(),
+            node_mib: 1024,
+            timeout: Duration::from_secs(1),
+            serial_log: "/s".into(),
+            qemu_log: "/q".into(),
+        };
+        let a = m.args().join(" ");
+        assert!(a.contains("-accel tcg,thread=multi -cpu max -m 2048M"));
+        assert!(a.contains("-smp 2,sockets=2,cores=1,threads=1"));
+        assert!(a.contains("-object memory-backend-ram,id=m0,size=1024M"));
+        assert!(a.contains("-object memory-backend-ram,id=m1,size=1024M"));
+        assert!(a.contains("-numa node,nodeid=0,cpus=0,memdev=m0"));
+        assert!(a.contains("-numa node,nodeid=1,cpus=1,memdev=m1"));
+        assert!(a.ends_with("-kernel /k -initrd /i -append console=ttyS0 panic=-1"));
+    }
+}

@@ -1,0 +1,362 @@
+//! `gmem-lab run`: fetch, build the initramfs, boot the two-node guest and judge its results.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::Value;
+use thiserror::Error;
+
+use crate::apt::{AptError, Fetcher};
+use crate::deb::{self, DebError};
+use crate::elf;
+use crate::guest;
+use crate::initramfs::{self, Contents, InitramfsError};
+use crate::paths::{self, DirLock, PathsError};
+use crate::qemu::{Machine, QemuError};
+use crate::report::{Collector, Status, TestResult};
+
+/// The Debian kernel the lab boots by default (trixie-backports).
+pub const DEBIAN_RELEASE: &str = "7.3.4+deb13-cloud-amd64";
+/// busybox from bookworm: a stable version that does not leave the archive.
+pub const BUSYBOX_SPEC: &str = "busybox-static/bookworm";
+
+/// The command that builds a gmem-lab able to serve as the in-guest agent.
+pub const STATIC_BUILD: &str = "RUSTFLAGS='-C target-feature=+crt-static' cargo build --release \
+                                --target x86_64-unknown-linux-gnu -p gmem-lab";
+
+/// Errors of a lab run (outside the tests' own verdicts).
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Paths(#[from] PathsError),
+    #[error("cannot fetch the lab's Debian packages")]
+    Fetch(#[from] AptError),
+    #[error("cannot extract the lab's files")]
+    Extract(#[from] DebError),
+    #[error("cannot build the initramfs")]
+    Initramfs(#[from] InitramfsError),
+    #[error("cannot run QEMU")]
+    Qemu(#[from] QemuError),
+    #[error("cannot find the running executable to copy it into the guest")]
+    CurrentExe(#[source] io::Error),
+    #[error("cannot read the agent {path}")]
+    ReadAgent {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{path} is dynamically linked, so it cannot run in the guest as the agent; build a static \
+         gmem-lab with\n  {STATIC_BUILD}\nand run that (or pass --agent PATH)"
+    )]
+    AgentNotStatic { path: PathBuf },
+    #[error("{path} is not a usable agent executable")]
+    AgentNotElf {
+        path: PathBuf,
+        #[source]
+        source: elf::ElfError,
+    },
+    #[error("unknown test `{0}`: see `gmem-lab tests`, or use exec:<command>")]
+    UnknownTest(String),
+    #[error("{what} {path} does not exist")]
+    Missing { what: &'static str, path: PathBuf },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What to boot and run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub tests: Vec<String>,
+    /// A bzImage to boot instead of Debian's; its KVM is expected to be built in.
+    pub kernel: Option<PathBuf>,
+    /// Debian kernel release whose linux-binary/linux-modules packages are used.
+    pub debian_release: String,
+    /// Put Debian's KVM modules into the initramfs even with `kernel`.
+    pub debian_modules: bool,
+    pub gmemctl: Option<PathBuf>,
+    pub bins: Vec<PathBuf>,
+    pub agent: Option<PathBuf>,
+    pub qemu: PathBuf,
+    pub timeout: Duration,
+    pub node_mib: u64,
+    pub append: Option<String>,
+    pub keep: bool,
+    pub allow_skip: bool,
+    pub refresh: bool,
+    /// Echo the guest's console to stderr as it arrives.
+    pub console: bool,
+}
+
+/// What `prepare` produced: a kernel and an initramfs ready to boot.
+#[derive(Debug)]
+pub struct Prepared {
+    pub kernel: PathBuf,
+    pub kernel_label: String,
+    pub initrd: PathBuf,
+    pub initrd_bytes: u64,
+    pub modules: Vec<String>,
+}
+
+/// The overall verdict. A skip is not a pass: it is its own verdict unless allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Pass,
+    Fail,
+    Skip,
+}
+
+/// Everything a run found out, as printed with `--json`.
+#[derive(Debug, Serialize)]
+pub struct RunReport {
+    pub verdict: Verdict,
+    pub passed: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    pub kernel: String,
+    pub tests: Vec<TestResult>,
+    pub boot: Option<Value>,
+    pub modules: Vec<Value>,
+    pub problems: Vec<String>,
+    pub timed_out: bool,
+    pub qemu_exit: Option<i32>,
+    pub qemu_pid: u32,
+    /// Seconds from QEMU start to the guest's /init.
+    pub init_reached_s: Option<f64>,
+    /// Seconds QEMU ran.
+    pub qemu_s: f64,
+    /// Seconds for fetch + extract + initramfs.
+    pub prepare_s: f64,
+    pub total_s: f64,
+    /// Kept on failure (or with --keep): the guest's serial console.
+    pub guest_log: Option<PathBuf>,
+    pub run_dir: Option<PathBuf>,
+}
+
+/// Checks the test names before anything is fetched.
+pub fn check_tests(tests: &[String]) -> Result<(), RunError> {
+    for t in tests {
+        initramfs::check_test_name(t)?;
+        if !guest::is_known(t) {
+            return Err(RunError::UnknownTest(t.clone()));
+        }
+    }
+    Ok(())
+}
+
+fn must_exist(what: &'static str, path: &Path) -> Result<(), RunError> {
+    if path.exists() {
+        Ok(())
+    } else {
+        Err(RunError::Missing {
+            what,
+            path: path.to_owned(),
+        })
+    }
+}
+
+/// The static gmem-lab to copy into the guest: `--agent`, else this very executable.
+fn agent_path(opt: Option<&Path>) -> Result<PathBuf, RunError> {
+    let path = match opt {
+        Some(p) => p.to_owned(),
+        None => std::env::current_exe().map_err(RunError::CurrentExe)?,
+    };
+    let bytes = fs::read(&path).map_err(|source| RunError::ReadAgent {
+        path: path.clone(),
+        source,
+    })?;
+    match elf::is_static(&bytes) {
+        Ok(true) => Ok(path),
+        Ok(false) => Err(RunError::AgentNotStatic { path }),
+        Err(source) => Err(RunError::AgentNotElf { path, source }),
+    }
+}
+
+/// Fetches and extracts what the run needs and writes the initramfs to `initrd`.
+pub fn prepare(opts: &RunOptions, initrd: &Path) -> Result<Prepared, RunError> {
+    check_tests(&opts.tests)?;
+    let agent = agent_path(opts.agent.as_deref())?;
+    if let Some(k) = &opts.kernel {
+        must_exist("--kernel", k)?;
+    }
+    let mut bins = Vec::new();
+    if let Some(g) = &opts.gmemctl {
+        must_exist("--gmemctl", g)?;
+        bins.push(g.clone());
+    }
+    for b in &opts.bins {
+        must_exist("--bin", b)?;
+        bins.push(b.clone());
+    }
+
+    let cache = paths::cache_root()?;
+    paths::ensure_dir(&cache)?;
+    // Debian's modules are only usable with the kernel binary package of the same release;
+    // both are fetched and extracted together.
+    let want_debian = opts.kernel.is_none() || opts.debian_modules;
+    let mut specs = vec![BUSYBOX_SPEC.to_owned()];
+    if want_debian {
+        specs.push(format!("linux-binary-{}", opts.debian_release));
+        specs.push(format!("linux-modules-{}", opts.debian_release));
+    }
+    let debs = Fetcher::new(&cache).fetch(&specs, opts.refresh)?;
+    let _lock = DirLock::acquire(&cache.join("extract.lock"))?;
+    let busybox = deb::busybox(&cache, &debs[0])?;
+    let debian = if want_debian {
+        Some(deb::debian_kernel(&cache, &debs[1], Some(&debs[2]))?)
+    } else {
+        None
+    };
+    let (kernel, label) = match (&opts.kernel, &debian) {
+        (Some(k), _) => (k.clone(), k.display().to_string()),
+        (None, Some(d)) => (d.vmlinuz.clone(), format!("debian {}", opts.debian_release)),
+        (None, None) => unreachable!("want_debian is true without --kernel"),
+    };
+    let module_files = debian.map(|d| d.modules).unwrap_or_default();
+    let contents = Contents {
+        busybox,
+        agent,
+        bins,
+        modules: module_files.clone(),
+        tests: opts.tests.clone(),
+    };
+    let initrd_bytes = initramfs::build(&contents, initrd)?;
+    Ok(Prepared {
+        kernel,
+        kernel_label: label,
+        initrd: initrd.to_owned(),
+        initrd_bytes,
+        modules: module_files.into_iter().map(|(n, _)| n).collect(),
+    })
+}
+
+fn new_run_dir(cache: &Path) -> Result<PathBuf, RunError> {
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let dir = cache
+        .join("runs")
+        .join(format!("{stamp}-{}", std::process::id()));
+    paths::ensure_dir(&dir)?;
+    Ok(dir)
+}
+
+/// Runs the whole lab once and returns its report; the caller prints it.
+pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
+    let start = Instant::now();
+    check_tests(&opts.tests)?;
+    let cache = paths::cache_root()?;
+    let dir = new_run_dir(&cache)?;
+    let prepared = prepare(opts, &dir.join("initrd.gz"))?;
+    let prepare_s = start.elapsed().as_secs_f64();
+    eprintln!(
+        "gmem-lab: booting {} with two NUMA nodes ({} MiB each), initramfs {} KiB{}, tests: {}",
+        prepared.kernel_label,
+        opts.node_mib,
+        prepared.initrd_bytes / 1024,
+        if prepared.modules.is_empty() {
+            " (no modules: KVM must be built in)".to_owned()
+        } else {
+            format!(", modules {}", prepared.modules.join(" "))
+        },
+        opts.tests.join(",")
+    );
+    let mut append = "console=ttyS0 panic=-1 quiet".to_owned();
+    if let Some(extra) = &opts.append {
+        append.push(' ');
+        append.push_str(extra);
+    }
+    let machine = Machine {
+        qemu: opts.qemu.clone(),
+        kernel: prepared.kernel.clone(),
+        initrd: prepared.initrd.clone(),
+        append,
+        node_mib: opts.node_mib,
+        timeout: opts.timeout,
+        serial_log: dir.join("serial.log"),
+        qemu_log: dir.join("qemu.log"),
+    };
+    let mut collector = Collector::default();
+    let boot = machine.boot(|line| {
+        if opts.console {
+            eprintln!("guest| {line}");
+        }
+        let before = collector.results.len();
+        let done = collector.feed(line);
+        if let Some(r) = collector.results.get(before) {
+            eprintln!("gmem-lab: {}: {}", r.test, status_word(r.status));
+        }
+        done
+    })?;
+    let mut outcome = collector.finish(&opts.tests);
+    if boot.timed_out {
+        outcome.problems.push(format!(
+            "timed out after {} s; QEMU (pid {}) was killed",
+            opts.timeout.as_secs(),
+            boot.pid
+        ));
+    }
+    if let Ok(q) = fs::read_to_string(&machine.qemu_log) {
+        let q = q.trim();
+        if !q.is_empty() {
+            outcome.problems.push(format!("QEMU said: {q}"));
+        }
+    }
+    let (passed, failed, skipped) = outcome.counts();
+    let clean = outcome.problems.is_empty() && !boot.timed_out && boot.saw_done;
+    let verdict = if !clean || failed > 0 {
+        Verdict::Fail
+    } else if skipped > 0 && !opts.allow_skip {
+        Verdict::Skip
+    } else {
+        Verdict::Pass
+    };
+    let keep = opts.keep || verdict != Verdict::Pass;
+    let mut report = RunReport {
+        verdict,
+        passed,
+        failed,
+        skipped,
+        kernel: prepared.kernel_label,
+        tests: outcome.tests,
+        boot: outcome.boot,
+        modules: outcome.modules,
+        problems: outcome.problems,
+        timed_out: boot.timed_out,
+        qemu_exit: boot.exit.and_then(|s| s.code()),
+        qemu_pid: boot.pid,
+        init_reached_s: boot.init_at.map(|d| d.as_secs_f64()),
+        qemu_s: boot.elapsed.as_secs_f64(),
+        prepare_s,
+        total_s: start.elapsed().as_secs_f64(),
+        guest_log: keep.then(|| machine.serial_log.clone()),
+        run_dir: keep.then(|| dir.clone()),
+    };
+    if keep {
+        let path = dir.join("report.json");
+        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+        fs::write(&path, text).map_err(|source| RunError::Write { path, source })?;
+    } else {
+        let _ = fs::remove_dir_all(&dir);
+    }
+    report.total_s = start.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// A status as shown to people: skips are upper-case, so they are hard to miss.
+pub fn status_word(s: Status) -> &'static str {
+    match s {
+        Status::Pass => "pass",
+        Status::Fail => "FAIL",
+        Status::Skip => "SKIPPED",
+    }
+}
