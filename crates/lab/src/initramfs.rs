@@ -3,6 +3,8 @@
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use flate2::Compression;
 use flate2::write::GzEncoder;
@@ -30,7 +32,7 @@ pub enum InitramfsError {
         #[source]
         source: elf::ElfError,
     },
-    #[error("{path}: two binaries would both be /bin/{name}")]
+    #[error("{path}: cannot install as /bin/{name:?} (taken, or not a plain name)")]
     DuplicateBinary { path: PathBuf, name: String },
     #[error("invalid test name {name:?}: {reason}")]
     BadTestName { name: String, reason: &'static str },
@@ -48,8 +50,8 @@ pub struct Contents {
     pub busybox: PathBuf,
     /// A static `gmem-lab`, installed as /bin/gmem-lab and run as `gmem-lab guest <test>`.
     pub agent: PathBuf,
-    /// Other executables (a static gmemctl, a kernel selftest, ...), installed in /bin by name.
-    pub bins: Vec<PathBuf>,
+    /// Other executables as (name in /bin, path): a static gmemctl, a kernel selftest, ...
+    pub bins: Vec<(String, PathBuf)>,
     /// (module name, decompressed .ko), loaded with insmod in this order. Empty for a kernel
     /// with KVM built in.
     pub modules: Vec<(String, PathBuf)>,
@@ -122,14 +124,38 @@ fn read(path: &Path) -> Result<Vec<u8>, InitramfsError> {
     })
 }
 
-/// Reads an executable and insists that an ELF one is static.
+/// A copy of an ELF executable without debug info, if binutils' `strip` is there. Debug
+/// info is most of a Rust release binary here (13 MiB of 16), and every byte of the
+/// initramfs costs boot time under TCG.
+fn strip_debug(path: &Path, data: Vec<u8>) -> Vec<u8> {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let tmp = std::env::temp_dir().join(format!(
+        "gmem-lab-strip-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let stripped = Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(&tmp)
+        .arg(path)
+        .stderr(Stdio::null())
+        .status()
+        .ok()
+        .filter(|s| s.success())
+        .and_then(|_| fs::read(&tmp).ok());
+    let _ = fs::remove_file(&tmp);
+    stripped.unwrap_or(data)
+}
+
+/// Reads an executable, insists that an ELF one is static, and drops its debug info.
 fn read_static_exe(path: &Path) -> Result<Vec<u8>, InitramfsError> {
     let data = read(path)?;
     if data.starts_with(b"#!") {
         return Ok(data);
     }
     match elf::is_static(&data) {
-        Ok(true) => Ok(data),
+        Ok(true) => Ok(strip_debug(path, data)),
         Ok(false) => Err(InitramfsError::Dynamic {
             path: path.to_owned(),
         }),
@@ -175,21 +201,16 @@ pub fn build(c: &Contents, out: &Path) -> Result<u64, InitramfsError> {
         w.file("bin/gmem-lab", 0o755, &read_static_exe(&c.agent)?)
             .map_err(write_err)?;
         let mut names = vec!["busybox".to_owned(), "sh".to_owned(), "gmem-lab".to_owned()];
-        for bin in &c.bins {
-            let name = bin
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
-            if names.contains(&name) {
+        for (name, bin) in &c.bins {
+            if names.contains(name) || name.is_empty() || name.contains('/') {
                 return Err(InitramfsError::DuplicateBinary {
                     path: bin.clone(),
-                    name,
+                    name: name.clone(),
                 });
             }
             w.file(&format!("bin/{name}"), 0o755, &read_static_exe(bin)?)
                 .map_err(write_err)?;
-            names.push(name);
+            names.push(name.clone());
         }
         for (i, (name, ko)) in c.modules.iter().enumerate() {
             let path = format!("lib/modules/gmemlab/{}-{name}.ko", i + 1);

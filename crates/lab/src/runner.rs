@@ -190,11 +190,12 @@ pub fn prepare(opts: &RunOptions, initrd: &Path) -> Result<Prepared, RunError> {
     let mut bins = Vec::new();
     if let Some(g) = &opts.gmemctl {
         must_exist("--gmemctl", g)?;
-        bins.push(g.clone());
+        bins.push(("gmemctl".to_owned(), g.clone()));
     }
     for b in &opts.bins {
         must_exist("--bin", b)?;
-        bins.push(b.clone());
+        let name = b.file_name().unwrap_or_default().to_string_lossy();
+        bins.push((name.into_owned(), b.clone()));
     }
 
     let cache = paths::cache_root()?;
