@@ -243,6 +243,19 @@ mod tests {
     }
 
     #[test]
+    fn init_is_valid_shell() {
+        let path = std::env::temp_dir().join(format!("gmem-lab-init-{}", std::process::id()));
+        fs::write(
+            &path,
+            init_script(&["nodes".into(), "exec:/bin/x -v".into()]),
+        )
+        .unwrap();
+        let status = Command::new("sh").arg("-n").arg(&path).status().unwrap();
+        fs::remove_file(&path).unwrap();
+        assert!(status.success());
+    }
+
+    #[test]
     fn init_runs_tests_in_order_and_powers_off() {
         let s = init_script(&["nodes".into(), "exec:/bin/x -v".into()]);
         assert!(s.starts_with("#!/bin/sh\n"));

@@ -75,8 +75,14 @@ pub enum LineError {
     UnknownMarker { marker: String, line: String },
 }
 
-/// Parses one console line: `None` if it carries no `GMEMLAB-` marker.
+/// Prefix of the lines an `exec:` test echoes from its command: never parsed as markers.
+pub const ECHO_PREFIX: &str = "  | ";
+
+/// Parses one console line: `None` if it carries no `GMEMLAB-` marker (or is echoed output).
 pub fn parse_line(line: &str) -> Option<Result<Event, LineError>> {
+    if line.starts_with(ECHO_PREFIX) {
+        return None;
+    }
     let start = line.find("GMEMLAB-")?;
     let rest = line[start..].trim_end_matches(['\r', '\n']);
     let (marker, payload) = match rest.split_once(char::is_whitespace) {
@@ -254,6 +260,7 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert!(parse_line("Linux version 7.3.4").is_none());
+        assert!(parse_line("  | GMEMLAB-DONE").is_none());
         assert!(matches!(parse_line("GMEMLAB-DONE"), Some(Ok(Event::Done))));
         assert!(matches!(
             parse_line("GMEMLAB-DONE\r"),

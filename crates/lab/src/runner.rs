@@ -239,7 +239,21 @@ pub fn prepare(opts: &RunOptions, initrd: &Path) -> Result<Prepared, RunError> {
     })
 }
 
+/// Kept run directories (failed runs, or --keep) beyond this many are removed, oldest first.
+const KEEP_RUNS: usize = 20;
+
 fn new_run_dir(cache: &Path) -> Result<PathBuf, RunError> {
+    let runs = cache.join("runs");
+    if let Ok(entries) = fs::read_dir(&runs) {
+        let mut old: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        // Names start with the Unix time in seconds, so lexical order is age order for
+        // centuries to come.
+        old.sort();
+        let excess = (old.len() + 1).saturating_sub(KEEP_RUNS);
+        for dir in old.into_iter().take(excess) {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -15,7 +15,7 @@ use thiserror::Error;
 
 use super::Verdict;
 use super::sys::{self, MPOL_BIND, MPOL_MF_MOVE, MPOL_MF_STRICT, Mapping};
-use crate::report::Status;
+use crate::report::{ECHO_PREFIX, Status};
 
 /// `GUEST_MEMFD_FLAG_MMAP` (not in kvm-bindings 0.14).
 const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
@@ -496,7 +496,7 @@ pub fn exec(command: &str) -> Result<Verdict, GuestError> {
         let mut console = io::stdout();
         for line in BufReader::new(out).lines() {
             let Ok(line) = line else { break };
-            let _ = writeln!(console, "  | {line}");
+            let _ = writeln!(console, "{ECHO_PREFIX}{line}");
             if line.starts_with("# Totals:") {
                 totals = Some(line.clone());
             }
