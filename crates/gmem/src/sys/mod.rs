@@ -24,3 +24,4 @@ pub mod kvm;
 pub mod mempolicy;
 pub mod mman;
 pub mod sched;
+pub mod signal;

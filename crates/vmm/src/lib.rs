@@ -1,0 +1,25 @@
+//! vmm: a small KVM monitor whose built-in guest checks its own memory while gmem moves.
+//!
+//! [`Vm::start`] creates a VM on guest_memfd memory laid out in chunk memslots (so every
+//! migration mechanism of `gmem` works), loads the built-in guest — a write-and-verify loop
+//! assembled from Rust, entered directly in 64-bit user mode — and runs one thread per vCPU.
+//! [`VmQuiesce`] implements `gmem::migrate::Quiesce` by kicking and parking those threads.
+//! All unsafe code lives in `gmem::sys`.
+#![forbid(unsafe_code)]
+
+mod config;
+mod error;
+pub mod guest;
+mod histogram;
+mod metrics;
+mod quiesce;
+mod vcpu;
+mod vm;
+
+pub use config::{GUEST_PAGE_BYTES, VmConfig};
+pub use error::VmError;
+pub use guest::layout::Slice;
+pub use histogram::{LatencyHistogram, LatencySummary};
+pub use metrics::{Metrics, MismatchReport, VcpuMetrics, VmState};
+pub use quiesce::VmQuiesce;
+pub use vm::Vm;

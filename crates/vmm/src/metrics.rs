@@ -1,0 +1,238 @@
+//! What the VM measures: guest progress and mismatches, stop latency, time to first output.
+//!
+//! vCPU threads update lock-free counters as the guest reports; [`Metrics`] is a snapshot of
+//! them for callers and for JSON.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::guest::layout::Slice;
+use crate::histogram::{LatencyHistogram, LatencySummary};
+
+/// Mismatch details kept for inspection; later ones are only counted.
+const MAX_KEPT_MISMATCHES: usize = 64;
+
+/// One word the guest found wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MismatchReport {
+    /// The vCPU that found it.
+    pub vcpu: u32,
+    /// Guest physical address of the word.
+    pub gpa: u64,
+    /// What the guest had written there.
+    pub expected: u64,
+    /// What it read back.
+    pub found: u64,
+}
+
+/// Whether the guest is running, from the user's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum VmState {
+    /// vCPUs run (a quiesce for a memory move may be holding them for a moment).
+    Running,
+    /// Paused by the user (`Vm::pause`).
+    Paused,
+    /// A vCPU stopped on its own (see its `failure`); the others may still run.
+    Failed,
+    /// Shut down.
+    Stopped,
+}
+
+/// One vCPU's counters, updated by its thread.
+#[derive(Debug)]
+pub(crate) struct VcpuCounters {
+    pub(crate) slice: Slice,
+    sweeps: AtomicU64,
+    bytes_verified: AtomicU64,
+    mismatches: AtomicU64,
+    exits: AtomicU64,
+    failure: Mutex<Option<String>>,
+}
+
+impl VcpuCounters {
+    fn new(slice: Slice) -> Self {
+        VcpuCounters {
+            slice,
+            sweeps: AtomicU64::new(0),
+            bytes_verified: AtomicU64::new(0),
+            mismatches: AtomicU64::new(0),
+            exits: AtomicU64::new(0),
+            failure: Mutex::new(None),
+        }
+    }
+
+    /// Counts one VM exit.
+    pub(crate) fn exit(&self) {
+        self.exits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A sweep over the whole slice finished with `mismatches` wrong words.
+    pub(crate) fn sweep_done(&self, mismatches: u32) {
+        self.sweeps.fetch_add(1, Ordering::Relaxed);
+        self.bytes_verified
+            .fetch_add(self.slice.len, Ordering::Relaxed);
+        self.mismatches
+            .fetch_add(u64::from(mismatches), Ordering::Relaxed);
+    }
+
+    /// The vCPU stopped running the guest, for `reason`.
+    pub(crate) fn fail(&self, reason: String) {
+        *lock(&self.failure) = Some(reason);
+    }
+
+    fn failure(&self) -> Option<String> {
+        lock(&self.failure).clone()
+    }
+}
+
+/// Counters of the whole VM, shared by the VM and its vCPU threads.
+#[derive(Debug)]
+pub(crate) struct VmCounters {
+    started: Instant,
+    vcpus_launched: OnceLock<Duration>,
+    first_port_write: OnceLock<Duration>,
+    pub(crate) vcpus: Vec<VcpuCounters>,
+    mismatch_reports: Mutex<Vec<MismatchReport>>,
+    stop_latency: Mutex<LatencyHistogram>,
+    quiesce_hold: Mutex<LatencyHistogram>,
+}
+
+impl VmCounters {
+    pub(crate) fn new(started: Instant, slices: &[Slice]) -> Self {
+        VmCounters {
+            started,
+            vcpus_launched: OnceLock::new(),
+            first_port_write: OnceLock::new(),
+            vcpus: slices.iter().copied().map(VcpuCounters::new).collect(),
+            mismatch_reports: Mutex::new(Vec::new()),
+            stop_latency: Mutex::new(LatencyHistogram::default()),
+            quiesce_hold: Mutex::new(LatencyHistogram::default()),
+        }
+    }
+
+    /// `Vm::start` has launched every vCPU thread: the VMM's part of startup is over.
+    pub(crate) fn vcpus_launched(&self) {
+        self.vcpus_launched.get_or_init(|| self.started.elapsed());
+    }
+
+    /// The guest wrote to a port; the first such write marks the end of startup.
+    pub(crate) fn port_written(&self) {
+        self.first_port_write.get_or_init(|| self.started.elapsed());
+    }
+
+    /// Keeps a mismatch's details (the first few only).
+    pub(crate) fn mismatch(&self, report: MismatchReport) {
+        let mut reports = lock(&self.mismatch_reports);
+        if reports.len() < MAX_KEPT_MISMATCHES {
+            reports.push(report);
+        }
+    }
+
+    /// Records how long it took from a pause request until every vCPU was parked.
+    pub(crate) fn stopped_in(&self, latency: Duration) {
+        lock(&self.stop_latency).record(latency);
+    }
+
+    /// Records how long a quiesce held the guest, from pause request to resume request.
+    pub(crate) fn quiesce_held_for(&self, held: Duration) {
+        lock(&self.quiesce_hold).record(held);
+    }
+
+    /// Time from `Vm::start` to the guest's first port write, once it happened.
+    pub(crate) fn first_port_write(&self) -> Option<Duration> {
+        self.first_port_write.get().copied()
+    }
+
+    pub(crate) fn any_failed(&self) -> bool {
+        self.vcpus.iter().any(|v| v.failure().is_some())
+    }
+
+    pub(crate) fn snapshot(&self, state: VmState) -> Metrics {
+        let vcpus: Vec<VcpuMetrics> = self
+            .vcpus
+            .iter()
+            .enumerate()
+            .map(|(index, v)| VcpuMetrics {
+                index: index as u32,
+                slice_start: v.slice.start,
+                slice_len: v.slice.len,
+                sweeps: v.sweeps.load(Ordering::Relaxed),
+                bytes_verified: v.bytes_verified.load(Ordering::Relaxed),
+                mismatches: v.mismatches.load(Ordering::Relaxed),
+                exits: v.exits.load(Ordering::Relaxed),
+                failure: v.failure(),
+            })
+            .collect();
+        Metrics {
+            state,
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            vcpus_launched_us: self.vcpus_launched.get().map(|d| d.as_micros() as u64),
+            first_port_write_us: self.first_port_write().map(|d| d.as_micros() as u64),
+            sweeps: vcpus.iter().map(|v| v.sweeps).sum(),
+            bytes_verified: vcpus.iter().map(|v| v.bytes_verified).sum(),
+            mismatches: vcpus.iter().map(|v| v.mismatches).sum(),
+            mismatch_reports: lock(&self.mismatch_reports).clone(),
+            stop_latency: lock(&self.stop_latency).summary(),
+            quiesce_hold: lock(&self.quiesce_hold).summary(),
+            vcpus,
+        }
+    }
+}
+
+/// A snapshot of what the VM measured.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Metrics {
+    /// Running, paused, failed or stopped.
+    pub state: VmState,
+    /// Milliseconds since `Vm::start` began.
+    pub uptime_ms: u64,
+    /// Microseconds from `Vm::start` until it had launched every vCPU thread.
+    pub vcpus_launched_us: Option<u64>,
+    /// Microseconds from `Vm::start` to the guest's first port write (`None` until then).
+    pub first_port_write_us: Option<u64>,
+    /// Per-vCPU progress.
+    pub vcpus: Vec<VcpuMetrics>,
+    /// Sweeps of all vCPUs.
+    pub sweeps: u64,
+    /// Bytes verified by all vCPUs.
+    pub bytes_verified: u64,
+    /// Words any vCPU found wrong. Must stay 0 whatever happens to the memory underneath.
+    pub mismatches: u64,
+    /// Details of the first mismatches.
+    pub mismatch_reports: Vec<MismatchReport>,
+    /// How long pauses took, from request until every vCPU was parked.
+    pub stop_latency: LatencySummary,
+    /// How long each quiesce kept the guest stopped, from the pause request to the resume
+    /// request (nested pauses count once): the guest's stop time in a memory move, free of
+    /// the mover's own scheduling delays after it resumes the vCPUs.
+    pub quiesce_hold: LatencySummary,
+}
+
+/// One vCPU's progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VcpuMetrics {
+    /// vCPU index.
+    pub index: u32,
+    /// First guest physical byte of its slice.
+    pub slice_start: u64,
+    /// Bytes in its slice.
+    pub slice_len: u64,
+    /// Sweeps (write pass + verify pass over the whole slice) completed.
+    pub sweeps: u64,
+    /// Bytes written and read back correctly or not (`sweeps * slice_len`).
+    pub bytes_verified: u64,
+    /// Words it found wrong.
+    pub mismatches: u64,
+    /// VM exits it took (port writes, kicks).
+    pub exits: u64,
+    /// Why it stopped running the guest, if it did.
+    pub failure: Option<String>,
+}
+
+/// Locks a mutex, ignoring poisoning: these counters stay meaningful after a panic elsewhere.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
