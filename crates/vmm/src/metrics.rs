@@ -98,6 +98,7 @@ pub(crate) struct VmCounters {
     mismatch_reports: Mutex<Vec<MismatchReport>>,
     stop_latency: Mutex<LatencyHistogram>,
     quiesce_hold: Mutex<LatencyHistogram>,
+    kick_retries: AtomicU64,
 }
 
 impl VmCounters {
@@ -110,6 +111,7 @@ impl VmCounters {
             mismatch_reports: Mutex::new(Vec::new()),
             stop_latency: Mutex::new(LatencyHistogram::default()),
             quiesce_hold: Mutex::new(LatencyHistogram::default()),
+            kick_retries: AtomicU64::new(0),
         }
     }
 
@@ -134,6 +136,11 @@ impl VmCounters {
     /// Records how long it took from a pause request until every vCPU was parked.
     pub(crate) fn stopped_in(&self, latency: Duration) {
         lock(&self.stop_latency).record(latency);
+    }
+
+    /// A pause had to kick again: some vCPU had not parked after the first kick.
+    pub(crate) fn kick_retried(&self) {
+        self.kick_retries.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records how long a quiesce held the guest, from pause request to resume request.
@@ -177,6 +184,7 @@ impl VmCounters {
             mismatch_reports: lock(&self.mismatch_reports).clone(),
             stop_latency: lock(&self.stop_latency).summary(),
             quiesce_hold: lock(&self.quiesce_hold).summary(),
+            kick_retries: self.kick_retries.load(Ordering::Relaxed),
             vcpus,
         }
     }
@@ -209,6 +217,8 @@ pub struct Metrics {
     /// request (nested pauses count once): the guest's stop time in a memory move, free of
     /// the mover's own scheduling delays after it resumes the vCPUs.
     pub quiesce_hold: LatencySummary,
+    /// Times a pause found a vCPU still running 10 ms after kicking it, and kicked again.
+    pub kick_retries: u64,
 }
 
 /// One vCPU's progress.

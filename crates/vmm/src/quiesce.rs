@@ -163,6 +163,7 @@ impl RunControl {
                 .unwrap_or_else(|e| e.into_inner());
             state = next;
             if timeout.timed_out() {
+                self.counters.kick_retried();
                 self.kick(state.running());
             }
         }

@@ -170,6 +170,42 @@ fn quiesce_freezes_the_guest_and_resume_restarts_it() {
     );
 }
 
+/// A migration job runs on its own thread with a clone of the quiesce handle, and the API
+/// server shares the VM between threads.
+#[test]
+fn quiesce_works_from_another_thread() {
+    fn shareable<T: Send + Sync + 'static>(_: &T) {}
+    let config = VmConfig {
+        mem_size: 32 << 20,
+        vcpus: 1,
+        ..VmConfig::default()
+    };
+    let Some((_guard, vm)) = start("quiesce_thread", config) else {
+        return;
+    };
+    shareable(&vm);
+    shareable(vm.quiesce());
+    let before = wait_for_sweeps(&vm, &[0], 1, Duration::from_secs(20));
+    let q = vm.quiesce().clone();
+    let (paused_tx, paused_rx) = std::sync::mpsc::channel();
+    let (resume_tx, resume_rx) = std::sync::mpsc::channel::<()>();
+    let job = std::thread::spawn(move || {
+        let paused = Paused::new(&q).unwrap();
+        paused_tx.send(()).unwrap();
+        resume_rx.recv().unwrap();
+        paused.resume().unwrap()
+    });
+    paused_rx.recv().unwrap();
+    let frozen = sweeps(&vm.metrics());
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(sweeps(&vm.metrics()), frozen);
+    resume_tx.send(()).unwrap();
+    let held = job.join().unwrap();
+    assert!(held >= Duration::from_millis(100));
+    wait_for_sweeps(&vm, &sweeps(&before), 2, Duration::from_secs(20));
+    assert_eq!(vm.metrics().quiesce_hold.count, 1);
+}
+
 #[test]
 fn user_pause_is_independent_of_quiesce() {
     let config = VmConfig {
