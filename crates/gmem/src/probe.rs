@@ -111,7 +111,7 @@ pub fn probe(kvm_device: &Path) -> Result<ProbeReport, ProbeError> {
     };
     let native_migration = match guest_memfd_flags {
         Some(flags) if flags.contains(GmemFlags::HOST_MAPPABLE) => {
-            probe_native_migration(&vm, &numa, flags)
+            native_migration(&vm, &numa, GmemFlags(flags.0 & GmemFlags::MIGRATABLE.0))
         }
         _ => Finding::new(
             Verdict::Unknown,
@@ -217,8 +217,11 @@ fn probe_mbind(vm: &Arc<VmFd>, numa: &Topology) -> Finding {
     run().unwrap_or_else(|e| Finding::new(Verdict::No, format!("{e}: {}", chain(&e))))
 }
 
-fn probe_native_migration(vm: &Arc<VmFd>, numa: &Topology, supported: GmemFlags) -> Finding {
-    let advertised = supported.contains(GmemFlags::MIGRATABLE);
+/// Tries the kernel's own migration on a scratch gmem created with `flags` (plus
+/// HOST_MAPPABLE): moves its pages from the first memory node to the second and checks
+/// node and bytes. Needs two nodes with memory; says `Unknown` otherwise.
+pub fn native_migration(vm: &Arc<VmFd>, numa: &Topology, flags: GmemFlags) -> Finding {
+    let advertised = flags.contains(GmemFlags::MIGRATABLE);
     let nodes = memory_nodes(numa);
     let (from, to) = match nodes.as_slice() {
         [from, to, ..] => (*from, *to),
@@ -236,11 +239,7 @@ fn probe_native_migration(vm: &Arc<VmFd>, numa: &Topology, supported: GmemFlags)
     };
     let run = || -> Result<Finding, MemoryError> {
         let len = TEST_PAGES * page_size();
-        let mut flags = GmemFlags::HOST_MAPPABLE;
-        if advertised {
-            flags = flags | GmemFlags::MIGRATABLE;
-        }
-        let gmem = GuestMemfd::create(vm, len, flags)?;
+        let gmem = GuestMemfd::create(vm, len, flags | GmemFlags::HOST_MAPPABLE)?;
         let map = gmem.map()?;
         let bind = Policy::Bind(NodeMask::single(from));
         let (mode, mask) = bind.to_raw();

@@ -336,6 +336,18 @@ impl GuestMemory {
     pub fn set_policy(&self, offset: u64, len: u64, policy: &Policy) -> Result<(), MemoryError> {
         check_range(offset, len, self.gmem.size())?;
         policy.validate(&Topology::read()?)?;
+        self.set_policy_unchecked(offset, len, policy)
+    }
+
+    /// [`set_policy`](Self::set_policy) without the topology check, for callers that
+    /// validated their nodes once (the migration engine, inside a stop).
+    pub(crate) fn set_policy_unchecked(
+        &self,
+        offset: u64,
+        len: u64,
+        policy: &Policy,
+    ) -> Result<(), MemoryError> {
+        check_range(offset, len, self.gmem.size())?;
         let (mode, nodes) = policy.to_raw();
         mempolicy::mbind(
             self.mapping()?,
@@ -368,6 +380,9 @@ impl GuestMemory {
     pub fn guest_placement(&self) -> Result<Placement, MemoryError> {
         let page = page_size();
         let map = self.mapping()?;
+        for offset in self.chunk_offsets() {
+            super::placement::map_resident(map, offset, self.layout.chunk_size)?;
+        }
         let addrs: Vec<usize> = self
             .chunk_offsets()
             .iter()

@@ -47,9 +47,15 @@ pub struct Placement {
 impl Placement {
     /// Asks the kernel where each page of `map[offset..offset+len]` is (move_pages with
     /// nodes = NULL, which moves nothing).
+    ///
+    /// move_pages only sees pages mapped in this process, and gmem pages that only the
+    /// guest (through KVM) or fallocate touched are not. So resident pages are found with
+    /// mincore first and mapped (MADV_POPULATE_READ, which allocates nothing for them);
+    /// holes stay holes.
     pub fn query(map: &Mmap, offset: u64, len: u64) -> Result<Self, MemoryError> {
         super::check_range(offset, len, map.len() as u64)?;
         let page = super::page_size();
+        map_resident(map, offset, len)?;
         let addrs: Vec<usize> = (0..len / page)
             .map(|i| map.addr() + (offset + i * page) as usize)
             .collect();
@@ -148,6 +154,36 @@ impl Placement {
             .partition_point(|r| r.first_page + r.pages <= index);
         self.ranges.get(at).map(|r| r.location)
     }
+}
+
+/// Maps the resident pages of a range, run by run, so move_pages can see them.
+pub(crate) fn map_resident(map: &Mmap, offset: u64, len: u64) -> Result<(), MemoryError> {
+    let page = super::page_size();
+    let resident = map
+        .resident_pages(offset as usize, len as usize)
+        .map_err(|source| MemoryError::QueryPlacement {
+            pages: (len / page) as usize,
+            source,
+        })?;
+    let mut i = 0;
+    while i < resident.len() {
+        if !resident[i] {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < resident.len() && resident[i] {
+            i += 1;
+        }
+        let (at, run) = (offset + start as u64 * page, (i - start) as u64 * page);
+        map.populate_read(at as usize, run as usize)
+            .map_err(|source| MemoryError::Populate {
+                offset: at,
+                len: run,
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -156,6 +156,21 @@ impl Mmap {
         Ok(())
     }
 
+    /// Which pages of a page-aligned range are resident in the backing file's page cache
+    /// (`mincore(2)`), whether or not this process has them mapped. Never allocates.
+    pub fn resident_pages(&self, offset: usize, len: usize) -> io::Result<Vec<bool>> {
+        self.check(offset, len);
+        let mut vec = vec![0u8; len.div_ceil(page_size())];
+        // SAFETY: the range is inside this mapping; `vec` has one byte per page of it.
+        syscall!(mincore(self.ptr_at(offset).cast(), len, vec.as_mut_ptr()))?;
+        Ok(vec.into_iter().map(|b| b & 1 != 0).collect())
+    }
+
+    /// Maps already-resident pages of the range into this process (`MADV_POPULATE_READ`).
+    pub fn populate_read(&self, offset: usize, len: usize) -> io::Result<()> {
+        self.madvise(offset, len, libc::MADV_POPULATE_READ)
+    }
+
     /// Faults in (allocating if needed) every page of the range for writing, in one call
     /// (`MADV_POPULATE_WRITE`, Linux 5.14+). Far cheaper than touching pages one by one.
     pub fn populate_write(&self, offset: usize, len: usize) -> io::Result<()> {

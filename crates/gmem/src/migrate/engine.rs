@@ -1,0 +1,533 @@
+//! `Migrator`: plans a migration, runs it step by step within a stop budget, verifies every
+//! step, and reports what moved and what did not.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::MigrateError;
+use super::copier::ContentCopier;
+use super::mechanism::{Mechanism, StepContext};
+use super::native::Native;
+use super::plan::{PlacementPolicy, Plan, PlanInput, Step};
+use super::quiesce::Quiesce;
+use super::refault::Refault;
+use super::remap::{Remap, remap_confidential};
+use super::report::{
+    HashCheck, MechanismChoice, MechanismKind, MigrationReport, StepOutcome, StepReport, StopStats,
+};
+use super::verify::Verify;
+use crate::memory::{GmemFlags, GuestMemory, MemoryError, Placement, Policy, page_size};
+use crate::numa::{NodeMask, Pagemap, Topology};
+use crate::probe::{self, Verdict};
+
+/// Largest refault/native batch, bytes: bounds the bounce buffer.
+const MAX_BATCH: u64 = 4 << 20;
+/// Smallest batch the stop budget may shrink to, pages.
+const MIN_BATCH_PAGES: u64 = 16;
+/// First refault batch before any stop was measured, pages.
+const FIRST_BATCH_PAGES: u64 = 64;
+/// Unit of targets for layouts without chunks.
+const DEFAULT_UNIT: u64 = 2 << 20;
+
+/// A test hook: make step N fail at a given point, to prove the restore paths.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InjectedFailure {
+    /// Refault: the allocation after the punch fails.
+    AllocateAfterPunch(usize),
+    /// Remap: one byte of the destination is corrupted after the copy.
+    CorruptCopy(usize),
+    /// Remap: the memslot swap fails.
+    SwapFails(usize),
+}
+
+/// What to migrate, how, and how carefully.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationRequest {
+    /// Where memory should end up.
+    pub policy: PlacementPolicy,
+    /// How to move it.
+    pub mechanism: MechanismChoice,
+    /// Longest the guest may be stopped per step (batches are sized to fit).
+    pub max_stop: Duration,
+    /// What to check after every step.
+    pub verify: Verify,
+    /// Also relocate pages already on their target node (new frames, same node).
+    pub relocate_in_place: bool,
+    /// Test hook.
+    #[doc(hidden)]
+    #[serde(skip)]
+    pub inject: Option<InjectedFailure>,
+}
+
+impl MigrationRequest {
+    /// A request with the defaults: auto mechanism, 1 ms stop budget, full verification.
+    pub fn new(policy: PlacementPolicy) -> Self {
+        MigrationRequest {
+            policy,
+            mechanism: MechanismChoice::Auto,
+            max_stop: Duration::from_millis(1),
+            verify: Verify::Full,
+            relocate_in_place: false,
+            inject: None,
+        }
+    }
+}
+
+/// Progress, reported after every step.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Progress {
+    /// The mechanism running.
+    pub mechanism: MechanismKind,
+    /// Pages moved so far.
+    pub pages_moved: u64,
+    /// Pages planned.
+    pub pages_planned: u64,
+    /// Steps run so far.
+    pub steps: u64,
+}
+
+/// Moves one guest memory's pages between nodes.
+pub struct Migrator<'a> {
+    memory: &'a GuestMemory,
+    quiesce: &'a dyn Quiesce,
+    copier: Option<&'a dyn ContentCopier>,
+    progress: Option<&'a (dyn Fn(&Progress) + Sync)>,
+}
+
+impl std::fmt::Debug for Migrator<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Migrator")
+            .field("layout", self.memory.layout())
+            .field("copier", &self.copier.is_some())
+            .finish()
+    }
+}
+
+impl<'a> Migrator<'a> {
+    /// A migrator for `memory`, stopping its accessors through `quiesce`.
+    pub fn new(memory: &'a GuestMemory, quiesce: &'a dyn Quiesce) -> Self {
+        Migrator {
+            memory,
+            quiesce,
+            copier: None,
+            progress: None,
+        }
+    }
+
+    /// Uses a firmware-assisted copier for remap copies (required for confidential memory).
+    pub fn with_copier(mut self, copier: &'a dyn ContentCopier) -> Self {
+        self.copier = Some(copier);
+        self
+    }
+
+    /// Calls `progress` after every step.
+    pub fn with_progress(mut self, progress: &'a (dyn Fn(&Progress) + Sync)) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
+    fn can_remap(&self) -> bool {
+        let layout = self.memory.layout();
+        layout.spare_chunks > 0 && self.memory.spare_chunks() > 0
+    }
+
+    /// Whether the kernel migrates this memory's folios: tried live on a scratch gmem with
+    /// the same flags, which needs two nodes with memory.
+    fn native_works(&self, topology: &Topology) -> bool {
+        let flags = GmemFlags::HOST_MAPPABLE
+            | GmemFlags(self.memory.gmem().flags().0 & GmemFlags::MIGRATABLE.0);
+        probe::native_migration(self.memory.vm(), topology, flags).verdict == Verdict::Yes
+    }
+
+    /// Picks the mechanism for `request`.
+    pub fn choose(
+        &self,
+        request: &MigrationRequest,
+        topology: &Topology,
+    ) -> Result<MechanismKind, MigrateError> {
+        let unavailable = |mechanism, reason: &str| {
+            Err(MigrateError::MechanismUnavailable {
+                mechanism,
+                reason: reason.into(),
+            })
+        };
+        match request.mechanism {
+            MechanismChoice::Exactly(MechanismKind::Native) if request.relocate_in_place => {
+                unavailable(
+                    MechanismKind::Native,
+                    "move_pages skips pages already on their target node, so it cannot relocate within a node",
+                )
+            }
+            MechanismChoice::Exactly(MechanismKind::Remap) if !self.can_remap() => unavailable(
+                MechanismKind::Remap,
+                "the memory layout has no free spare chunk (create it with spare chunks)",
+            ),
+            MechanismChoice::Exactly(kind) => Ok(kind),
+            MechanismChoice::Auto => Ok(
+                if !request.relocate_in_place && self.native_works(topology) {
+                    MechanismKind::Native
+                } else if self.can_remap() {
+                    MechanismKind::Remap
+                } else {
+                    MechanismKind::Refault
+                },
+            ),
+        }
+    }
+
+    fn unit(&self) -> u64 {
+        let layout = self.memory.layout();
+        if layout.chunks() > 1 {
+            layout.chunk_size
+        } else {
+            DEFAULT_UNIT.min(layout.guest_size)
+        }
+    }
+
+    /// Plans `request` without moving anything.
+    pub fn plan(&self, request: &MigrationRequest) -> Result<(MechanismKind, Plan), MigrateError> {
+        let topology = Topology::read().map_err(MemoryError::from)?;
+        let mechanism = self.choose(request, &topology)?;
+        let placement = self.memory.guest_placement()?;
+        let plan = request.policy.plan(
+            &topology,
+            PlanInput {
+                placement: &placement,
+                unit: self.unit(),
+                whole_units: mechanism == MechanismKind::Remap,
+                relocate_in_place: request.relocate_in_place,
+            },
+        )?;
+        Ok((mechanism, plan))
+    }
+
+    /// Runs `request`. Returns `Err` only if the migration could not start or a restore
+    /// failed; steps that failed and were restored are in the report.
+    pub fn migrate(&self, request: &MigrationRequest) -> Result<MigrationReport, MigrateError> {
+        if request.max_stop.is_zero() {
+            return Err(MigrateError::InvalidRequest(
+                "max_stop must be positive".into(),
+            ));
+        }
+        let started = Instant::now();
+        let confidential = self.memory.mapping().is_err();
+        if confidential && self.copier.is_none() {
+            return Err(MigrateError::Confidential {
+                flags: self.memory.gmem().flags(),
+            });
+        }
+        if confidential {
+            return self.migrate_confidential(request, started);
+        }
+        let map = self.memory.mapping()?;
+        let before = self.memory.guest_placement()?;
+        let (mechanism, plan) = self.plan(request)?;
+        let pagemap = Pagemap::open_self().ok();
+        let mut notes = Vec::new();
+        if request.verify.placement() && !crate::testing::can_read_pfns() {
+            notes
+                .push("PFNs not checked: /proc/self/pagemap hides them from non-root users".into());
+        }
+        let mut engine: Box<dyn Mechanism> = match mechanism {
+            MechanismKind::Native => Box::new(Native::new()),
+            MechanismKind::Remap => Box::new(Remap::new()),
+            MechanismKind::Refault => Box::new(Refault::new(self.memory.vm(), MAX_BATCH)?),
+        };
+        if self.copier.is_some() {
+            notes.push(match mechanism {
+                MechanismKind::Remap => {
+                    "remap copies went through the supplied ContentCopier".into()
+                }
+                other => format!("the ContentCopier is not used by {other}"),
+            });
+        }
+
+        let mut reports: Vec<StepReport> = Vec::new();
+        let mut stops: Vec<Duration> = Vec::new();
+        let mut batch_pages = FIRST_BATCH_PAGES;
+        let mut index = 0usize;
+        let mut pages_moved = 0u64;
+        let mut stopped_early = None;
+        'steps: for (planned, step) in plan.steps.iter().enumerate() {
+            for batch in self.batches(mechanism, step, batch_pages, request) {
+                let cx = StepContext {
+                    memory: self.memory,
+                    map,
+                    quiesce: self.quiesce,
+                    verify: request.verify,
+                    pagemap: pagemap.as_ref(),
+                    copier: self.copier,
+                    inject: request.inject,
+                    index,
+                };
+                index += 1;
+                let mut report = engine.run(&cx, &batch)?;
+                if let Some(stop) = report.stop {
+                    stops.push(stop);
+                    batch_pages = next_batch(batch.len, stop, request.max_stop);
+                }
+                report.pages_moved = match &report.outcome {
+                    StepOutcome::Moved if report.hash != HashCheck::Mismatched => {
+                        batch.pages_to_move
+                    }
+                    StepOutcome::Partial { not_moved, .. } => {
+                        batch.pages_to_move.saturating_sub(*not_moved)
+                    }
+                    _ => 0,
+                };
+                pages_moved += report.pages_moved;
+                let failed = report.outcome != StepOutcome::Moved;
+                reports.push(report);
+                if let Some(progress) = self.progress {
+                    progress(&Progress {
+                        mechanism,
+                        pages_moved,
+                        pages_planned: plan.pages_to_move,
+                        steps: index as u64,
+                    });
+                }
+                if failed {
+                    stopped_early = Some(plan.steps.len() - planned - 1);
+                    break 'steps;
+                }
+            }
+        }
+        if let Some(left) = stopped_early {
+            notes.push(format!(
+                "stopped after the first failed step; {left} later planned steps were not attempted"
+            ));
+        }
+        self.apply_future_policy(request, &plan)?;
+        let after = self.memory.guest_placement()?;
+        Ok(self.finish(
+            mechanism, request, &plan, reports, &stops, before, after, started, notes,
+        ))
+    }
+
+    /// Cuts a planned step into batches: whole chunks for remap, budget-sized pieces for the
+    /// others (native without hashing never stops the guest, so it takes big batches).
+    fn batches(
+        &self,
+        mechanism: MechanismKind,
+        step: &Step,
+        batch_pages: u64,
+        request: &MigrationRequest,
+    ) -> Vec<Step> {
+        let size = match mechanism {
+            MechanismKind::Remap => return vec![*step],
+            MechanismKind::Native if !request.verify.hashes() => MAX_BATCH,
+            _ => batch_pages * page_size(),
+        };
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < step.len {
+            let len = size.min(step.len - at);
+            out.push(Step {
+                guest_offset: step.guest_offset + at,
+                len,
+                target: step.target,
+                pages_to_move: len / page_size(),
+            });
+            at += len;
+        }
+        out
+    }
+
+    /// Binds each unit's range to its target for future allocations (pages the guest has
+    /// not touched yet), so the placement holds after the move.
+    fn apply_future_policy(
+        &self,
+        request: &MigrationRequest,
+        plan: &Plan,
+    ) -> Result<(), MigrateError> {
+        if let PlacementPolicy::Drain(_) = request.policy {
+            return Ok(()); // pages elsewhere stay where they are; only moved units changed
+        }
+        let chunk_size = self.memory.layout().chunk_size;
+        for step in &plan.steps {
+            let chunk = step.guest_offset / chunk_size;
+            let offset = self.memory.chunk_offset(chunk) + step.guest_offset % chunk_size;
+            self.memory.set_policy_unchecked(
+                offset,
+                step.len,
+                &Policy::Bind(NodeMask::single(step.target)),
+            )?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        mechanism: MechanismKind,
+        request: &MigrationRequest,
+        plan: &Plan,
+        reports: Vec<StepReport>,
+        stops: &[Duration],
+        before: Placement,
+        after: Placement,
+        started: Instant,
+        notes: Vec<String>,
+    ) -> MigrationReport {
+        let elapsed = started.elapsed();
+        let pages_moved: u64 = reports.iter().map(|r| r.pages_moved).sum();
+        let bytes_moved = pages_moved * page_size();
+        let sum = |f: fn(&StepReport) -> Option<u64>| -> Option<u64> {
+            reports
+                .iter()
+                .map(f)
+                .try_fold(0u64, |acc, v| v.map(|v| acc + v))
+        };
+        let hash_checks = reports
+            .iter()
+            .filter(|r| r.hash != HashCheck::NotTaken)
+            .count() as u64;
+        let hash_mismatches = reports
+            .iter()
+            .filter(|r| r.hash == HashCheck::Mismatched)
+            .count() as u64;
+        let failures: Vec<StepReport> = reports
+            .iter()
+            .filter(|r| r.outcome != StepOutcome::Moved || r.hash == HashCheck::Mismatched)
+            .cloned()
+            .collect();
+        MigrationReport {
+            mechanism,
+            policy: request.policy.to_string(),
+            relocate_in_place: request.relocate_in_place,
+            pages_planned: plan.pages_to_move,
+            pages_moved,
+            pages_not_moved: plan.pages_to_move - pages_moved,
+            pages_in_place: plan.pages_in_place,
+            bytes_moved,
+            pfns_changed: if reports.is_empty() {
+                None
+            } else {
+                sum(|r| r.pfns_changed)
+            },
+            pfns_checked: if reports.is_empty() {
+                None
+            } else {
+                sum(|r| r.pfns_checked)
+            },
+            hash_checks,
+            hash_mismatches,
+            stops: StopStats::from_durations(stops),
+            steps: reports.len() as u64,
+            elapsed_us: elapsed.as_micros() as u64,
+            throughput_gbps: bytes_moved as f64 / elapsed.as_secs_f64().max(1e-9) / 1e9,
+            before: before.per_node(),
+            after: after.per_node(),
+            complete: failures.is_empty() && pages_moved == plan.pages_to_move,
+            failures,
+            notes,
+        }
+    }
+
+    /// Confidential memory: remap through the copier, chunk by chunk. The host cannot see
+    /// placement, so every chunk is planned and nothing is verified but the copier's word.
+    fn migrate_confidential(
+        &self,
+        request: &MigrationRequest,
+        started: Instant,
+    ) -> Result<MigrationReport, MigrateError> {
+        let copier = self.copier.expect("checked by the caller");
+        let target = match &request.policy {
+            PlacementPolicy::Bind(node) => *node,
+            other => {
+                return Err(MigrateError::InvalidRequest(format!(
+                    "confidential memory supports only bind, not {other}"
+                )));
+            }
+        };
+        if !self.can_remap() {
+            return Err(MigrateError::MechanismUnavailable {
+                mechanism: MechanismKind::Remap,
+                reason:
+                    "confidential memory moves only by remap, and the layout has no spare chunk"
+                        .into(),
+            });
+        }
+        let layout = *self.memory.layout();
+        let pages_per_chunk = layout.chunk_size / page_size();
+        let plan = Plan {
+            steps: (0..layout.chunks())
+                .map(|c| Step {
+                    guest_offset: c * layout.chunk_size,
+                    len: layout.chunk_size,
+                    target,
+                    pages_to_move: pages_per_chunk,
+                })
+                .collect(),
+            unit: layout.chunk_size,
+            pages_to_move: layout.chunks() * pages_per_chunk,
+            pages_in_place: 0,
+        };
+        let mut reports = Vec::new();
+        let mut stops = Vec::new();
+        for step in &plan.steps {
+            let report = remap_confidential(self.memory, self.quiesce, copier, step)?;
+            stops.extend(report.stop);
+            let failed = report.outcome != StepOutcome::Moved;
+            reports.push(report);
+            if failed {
+                break;
+            }
+        }
+        let unknown = Placement {
+            page_size: page_size(),
+            ranges: Vec::new(),
+        };
+        let notes = vec![
+            "confidential memory: content and placement verified by the ContentCopier only".into(),
+        ];
+        Ok(self.finish(
+            MechanismKind::Remap,
+            request,
+            &plan,
+            reports,
+            &stops,
+            unknown.clone(),
+            unknown,
+            started,
+            notes,
+        ))
+    }
+}
+
+/// The next batch size, in pages, that should fit the stop budget: the last batch's rate
+/// times 80% of the budget, within [MIN_BATCH_PAGES, MAX_BATCH].
+fn next_batch(len: u64, stop: Duration, budget: Duration) -> u64 {
+    let rate = len as f64 / stop.as_secs_f64().max(1e-6);
+    let bytes = rate * budget.as_secs_f64() * 0.8;
+    ((bytes as u64) / page_size()).clamp(MIN_BATCH_PAGES, MAX_BATCH / page_size())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_follow_the_budget() {
+        // 256 KiB took 1 ms: at a 1 ms budget the next batch is 80% of that.
+        assert_eq!(
+            next_batch(
+                256 << 10,
+                Duration::from_millis(1),
+                Duration::from_millis(1)
+            ),
+            51
+        );
+        // Very slow steps bottom out; very fast ones are capped by the bounce buffer.
+        assert_eq!(
+            next_batch(4096, Duration::from_secs(1), Duration::from_millis(1)),
+            MIN_BATCH_PAGES
+        );
+        assert_eq!(
+            next_batch(4 << 20, Duration::from_micros(1), Duration::from_millis(10)),
+            MAX_BATCH / page_size()
+        );
+    }
+}

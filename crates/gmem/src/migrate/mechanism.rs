@@ -1,0 +1,104 @@
+//! What every mechanism gets for a step, and the one method each implements.
+
+use std::time::Duration;
+
+use super::copier::ContentCopier;
+use super::plan::Step;
+use super::quiesce::Quiesce;
+use super::report::{HashCheck, StepOutcome, StepReport};
+use super::verify::{self, Verify};
+use super::{InjectedFailure, MigrateError};
+use crate::memory::{GuestMemory, Placement, page_size};
+use crate::numa::Pagemap;
+use crate::sys::mman::Mmap;
+
+/// Everything a step may use.
+pub(crate) struct StepContext<'a> {
+    pub memory: &'a GuestMemory,
+    pub map: &'a Mmap,
+    pub quiesce: &'a dyn Quiesce,
+    pub verify: Verify,
+    pub pagemap: Option<&'a Pagemap>,
+    pub copier: Option<&'a dyn ContentCopier>,
+    pub inject: Option<InjectedFailure>,
+    /// Index of this step in the migration, for fault injection.
+    pub index: usize,
+}
+
+impl StepContext<'_> {
+    /// Whether the test hook asks this step to fail at `point`.
+    pub fn injected(&self, point: fn(usize) -> InjectedFailure) -> bool {
+        self.inject == Some(point(self.index))
+    }
+
+    /// gmem offset of a step that lies within one chunk.
+    pub fn gmem_offset(&self, step: &Step) -> u64 {
+        let chunk_size = self.memory.layout().chunk_size;
+        let chunk = step.guest_offset / chunk_size;
+        self.memory.chunk_offset(chunk) + step.guest_offset % chunk_size
+    }
+
+    /// PFNs of a gmem range, if verification wants them and pagemap is readable.
+    pub fn pfns(&self, offset: u64, len: u64) -> Option<Vec<Option<u64>>> {
+        if !self.verify.placement() {
+            return None;
+        }
+        verify::pfns(self.pagemap, self.map, offset, len / page_size())
+    }
+}
+
+/// One way of moving pages.
+pub(crate) trait Mechanism {
+    /// Moves one step's range to its target. `Err` only for failures that must end the
+    /// whole migration (nothing of this step is lost either way).
+    fn run(&mut self, cx: &StepContext<'_>, step: &Step) -> Result<StepReport, MigrateError>;
+}
+
+/// A report skeleton for `step`.
+pub(crate) fn report(step: &Step, outcome: StepOutcome) -> StepReport {
+    StepReport {
+        guest_offset: step.guest_offset,
+        len: step.len,
+        target: step.target,
+        outcome,
+        stop: None,
+        pages_moved: 0,
+        pages_off_target: 0,
+        pfns_changed: None,
+        pfns_checked: None,
+        hash: HashCheck::NotTaken,
+    }
+}
+
+/// Fills the placement and PFN fields of a finished step from the range's new state.
+pub(crate) fn check_result(
+    cx: &StepContext<'_>,
+    report: &mut StepReport,
+    offset: u64,
+    pfns_before: Option<Vec<Option<u64>>>,
+    stop: Option<Duration>,
+) -> Result<(), MigrateError> {
+    report.stop = stop;
+    let placement = Placement::query(cx.map, offset, report.len)?;
+    let on_target = placement
+        .per_node()
+        .get(&report.target)
+        .copied()
+        .unwrap_or(0);
+    let resident: u64 = placement.per_node().values().sum();
+    report.pages_off_target = resident - on_target;
+    if let (Some(before), Some(after)) = (pfns_before, cx.pfns(offset, report.len)) {
+        report.pfns_changed = Some(verify::pfns_changed(&before, &after));
+        report.pfns_checked = Some(
+            before
+                .iter()
+                .zip(&after)
+                .filter(|(b, a)| b.is_some() && a.is_some())
+                .count() as u64,
+        );
+    }
+    if report.outcome == StepOutcome::Moved {
+        report.pages_moved = on_target;
+    }
+    Ok(())
+}

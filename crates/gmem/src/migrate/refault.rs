@@ -1,0 +1,226 @@
+//! Refault: copy a batch out, punch it, re-allocate it on the target, copy it back.
+//!
+//! Works on any layout, but the guest is stopped for the whole batch, so batches are sized
+//! to the stop budget. Before the stop, a scratch reservation proves the target (and the
+//! memory cgroup) can supply the batch, so a full node fails before anything is touched.
+//! The reservation is released right after the punch: free lists are LIFO, so the batch
+//! then gets the reservation's frames rather than the ones it just gave back, and a
+//! relocation within one node really changes frames. After the punch, the bounce buffer
+//! holds the only copy: every failure from there on writes it back before resuming.
+
+use super::mechanism::{Mechanism, StepContext, check_result, report};
+use super::plan::Step;
+use super::quiesce::Paused;
+use super::report::{HashCheck, RestoredTo, StepOutcome, StepReport};
+use super::scratch::Scratch;
+use super::verify::{self, BLOCK};
+use super::{InjectedFailure, MigrateError};
+use crate::memory::{MemoryError, Placement, Policy};
+use crate::numa::NodeMask;
+use crate::sys::mman::Mmap;
+use crate::sys::sched;
+
+/// The refault mechanism, with its bounded buffers.
+pub(crate) struct Refault {
+    /// Holds one batch while its pages are replaced; never the whole guest.
+    bounce: Mmap,
+    scratch: Scratch,
+    block: Vec<u8>,
+}
+
+impl Refault {
+    /// Buffers for batches of up to `max_batch` bytes.
+    pub fn new(
+        cx_vm: &std::sync::Arc<kvm_ioctls::VmFd>,
+        max_batch: u64,
+    ) -> Result<Self, MigrateError> {
+        let bounce = Mmap::anonymous(max_batch as usize).map_err(|source| MemoryError::Mmap {
+            len: max_batch,
+            source,
+        })?;
+        // Fault the bounce buffer in once, not inside every stop.
+        bounce
+            .populate_write(0, max_batch as usize)
+            .map_err(|source| MemoryError::Populate {
+                offset: 0,
+                len: max_batch,
+                source,
+            })?;
+        Ok(Refault {
+            bounce,
+            scratch: Scratch::new(cx_vm, max_batch)?,
+            block: vec![0; BLOCK],
+        })
+    }
+
+    /// Copies the bounce buffer into the range and returns the hash of what landed there.
+    fn write_back(&mut self, cx: &StepContext<'_>, offset: u64, len: u64) -> u64 {
+        self.bounce
+            .copy_to(0, cx.map, offset as usize, len as usize);
+        if cx.verify.hashes() {
+            verify::hash_range(cx.map, offset, len, &mut self.block)
+        } else {
+            0
+        }
+    }
+
+    /// Punch, allocate on the target, copy back. Any error leaves the range punched or
+    /// partly allocated; the caller restores it.
+    fn replace(
+        &mut self,
+        cx: &StepContext<'_>,
+        offset: u64,
+        len: u64,
+        step: &Step,
+    ) -> Result<u64, MemoryError> {
+        let gmem = cx.memory.gmem();
+        cx.memory.set_policy_unchecked(
+            offset,
+            len,
+            &Policy::Bind(NodeMask::single(step.target)),
+        )?;
+        gmem.punch(offset, len)?;
+        self.scratch.release();
+        if cx.injected(InjectedFailure::AllocateAfterPunch) {
+            return Err(MemoryError::Allocate {
+                offset,
+                len,
+                source: std::io::Error::other("injected failure after punch"),
+            });
+        }
+        gmem.allocate(offset, len)?;
+        cx.memory.populate(offset, len)?;
+        Ok(self.write_back(cx, offset, len))
+    }
+
+    /// Puts the bounce buffer's content back: on the original nodes if they can take it,
+    /// else anywhere. Returns where it went.
+    fn restore(
+        &mut self,
+        cx: &StepContext<'_>,
+        offset: u64,
+        len: u64,
+        original: NodeMask,
+        hash: u64,
+    ) -> Result<RestoredTo, MemoryError> {
+        let gmem = cx.memory.gmem();
+        let mut last = None;
+        for (policy, to) in [
+            (Policy::Bind(original), RestoredTo::Original),
+            (Policy::Default, RestoredTo::AnyNode),
+        ] {
+            let _ = gmem.punch(offset, len);
+            let attempt = cx
+                .memory
+                .set_policy_unchecked(offset, len, &policy)
+                .and_then(|()| gmem.allocate(offset, len))
+                .and_then(|()| cx.memory.populate(offset, len));
+            match attempt {
+                Ok(()) => {
+                    let landed = self.write_back(cx, offset, len);
+                    if !cx.verify.hashes() || landed == hash {
+                        return Ok(to);
+                    }
+                    last = Some(MemoryError::Layout(
+                        "restored content does not match its hash".into(),
+                    ));
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("at least one attempt"))
+    }
+}
+
+impl Mechanism for Refault {
+    fn run(&mut self, cx: &StepContext<'_>, step: &Step) -> Result<StepReport, MigrateError> {
+        let offset = cx.gmem_offset(step);
+        let len = step.len;
+        assert!(
+            len <= self.bounce.len() as u64,
+            "batch larger than the bounce buffer"
+        );
+        let before = Placement::query(cx.map, offset, len)?;
+        let original: NodeMask = before.per_node().into_keys().collect();
+        let pfns_before = cx.pfns(offset, len);
+
+        // Prove the target can supply the batch before touching it.
+        if let Err(e) = self.scratch.reserve(len, step.target) {
+            return Ok(report(
+                step,
+                StepOutcome::NotAttempted {
+                    reason: format!(
+                        "node {} cannot supply {} KiB: {}",
+                        step.target,
+                        len >> 10,
+                        root_cause(&e)
+                    ),
+                },
+            ));
+        }
+        // Free lists are per CPU: stay on one for the step so the batch gets the
+        // reservation's frames back.
+        let affinity = sched::affinity().ok();
+        if let Some(cpus) = &affinity {
+            let _ = sched::set_affinity(&cpus[..1]);
+        }
+
+        let paused = Paused::new(cx.quiesce)?;
+        // Copy out, hashing as we go. From the punch on, the bounce buffer is the only copy.
+        cx.map
+            .copy_to(offset as usize, &self.bounce, 0, len as usize);
+        let hash_before = if cx.verify.hashes() {
+            verify::hash_range(&self.bounce, 0, len, &mut self.block)
+        } else {
+            0
+        };
+        let mut hash = if cx.verify.hashes() {
+            HashCheck::Matched
+        } else {
+            HashCheck::NotTaken
+        };
+        let failure = match self.replace(cx, offset, len, step) {
+            Ok(hash_after) if !cx.verify.hashes() || hash_after == hash_before => None,
+            Ok(_) => {
+                hash = HashCheck::Mismatched;
+                Some("content hash differs after the copy back".to_string())
+            }
+            Err(e) => Some(format!("{e}: {}", root_cause(&e))),
+        };
+        let outcome = match failure {
+            None => StepOutcome::Moved,
+            Some(reason) => match self.restore(cx, offset, len, original, hash_before) {
+                Ok(to) => StepOutcome::Restored { reason, to },
+                Err(source) => {
+                    // Leave the guest stopped: running it on missing memory would be worse.
+                    self.scratch.release();
+                    std::mem::forget(paused);
+                    return Err(MigrateError::RestoreFailed {
+                        offset: step.guest_offset,
+                        len,
+                        source,
+                    });
+                }
+            },
+        };
+        let stop = paused.resume()?;
+        self.scratch.release();
+        if let Some(cpus) = &affinity {
+            let _ = sched::set_affinity(cpus);
+        }
+
+        let mut report = report(step, outcome);
+        report.hash = hash;
+        check_result(cx, &mut report, offset, pfns_before, Some(stop))?;
+        Ok(report)
+    }
+}
+
+/// The innermost cause of an error, e.g. "Cannot allocate memory (os error 12)".
+pub(crate) fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}

@@ -1,0 +1,253 @@
+//! Remap: copy a whole chunk into spare gmem room on the target and rebind its memslot.
+//!
+//! The destination is allocated, placed and mapped while the guest runs. Only the copy and
+//! the memslot swap (delete, re-create) happen while it is stopped. The old chunk stays
+//! intact until the guest has resumed on the new one, so any failure just swaps back.
+
+use super::copier::CopyOutcome;
+use super::mechanism::{Mechanism, StepContext, check_result, report};
+use super::plan::Step;
+use super::quiesce::Paused;
+use super::refault::root_cause;
+use super::report::{HashCheck, RestoredTo, StepOutcome, StepReport};
+use super::verify::{self, BLOCK};
+use super::{InjectedFailure, MigrateError};
+use crate::memory::{MemoryError, Policy};
+use crate::numa::NodeMask;
+
+/// The remap mechanism.
+pub(crate) struct Remap {
+    block: Vec<u8>,
+}
+
+impl Remap {
+    pub fn new() -> Self {
+        Remap {
+            block: vec![0; BLOCK],
+        }
+    }
+
+    /// Allocates the spare chunk on the target and maps it, while the guest runs.
+    fn prepare(
+        &self,
+        cx: &StepContext<'_>,
+        spare: u64,
+        len: u64,
+        step: &Step,
+    ) -> Result<(), String> {
+        let memory = cx.memory;
+        let fail = |e: MemoryError| {
+            format!(
+                "node {} cannot supply {} KiB: {}",
+                step.target,
+                len >> 10,
+                root_cause(&e)
+            )
+        };
+        memory
+            .set_policy_unchecked(spare, len, &Policy::Bind(NodeMask::single(step.target)))
+            .map_err(fail)?;
+        memory.gmem().allocate(spare, len).map_err(fail)?;
+        // Map the destination now, so the copy takes no faults inside the stop.
+        memory.populate(spare, len).map_err(fail)?;
+        let placed = memory.placement(spare, len).map_err(fail)?;
+        if placed.per_node().get(&step.target).copied().unwrap_or(0)
+            != len / crate::memory::page_size()
+        {
+            return Err(format!(
+                "the kernel placed the destination at {:?}, not on node {}",
+                placed.per_node(),
+                step.target
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Mechanism for Remap {
+    fn run(&mut self, cx: &StepContext<'_>, step: &Step) -> Result<StepReport, MigrateError> {
+        let memory = cx.memory;
+        let chunk_size = memory.layout().chunk_size;
+        if step.len != chunk_size || !step.guest_offset.is_multiple_of(chunk_size) {
+            return Err(MigrateError::InvalidRequest(
+                "remap moves whole chunks".into(),
+            ));
+        }
+        let chunk = step.guest_offset / chunk_size;
+        let Some(spare) = memory.take_spare() else {
+            return Ok(report(
+                step,
+                StepOutcome::NotAttempted {
+                    reason: "no spare chunk is free".into(),
+                },
+            ));
+        };
+        let old = memory.chunk_offset(chunk);
+        let give_back = |offset: u64| {
+            let _ = memory.gmem().punch(offset, chunk_size);
+            memory.return_spare(offset);
+        };
+        if let Err(reason) = self.prepare(cx, spare, chunk_size, step) {
+            give_back(spare);
+            return Ok(report(step, StepOutcome::NotAttempted { reason }));
+        }
+        memory.populate(old, chunk_size)?;
+        let pfns_before = cx.pfns(old, chunk_size);
+
+        let paused = Paused::new(cx.quiesce)?;
+        let copied_by_copier = match cx.copier {
+            Some(copier) => {
+                copier
+                    .copy(memory.gmem(), old, spare, chunk_size)
+                    .map_err(|e| MigrateError::InvalidRequest(e.to_string()))?
+                    == CopyOutcome::Copied
+            }
+            None => false,
+        };
+        let hashing = cx.verify.hashes();
+        let hash_before = if copied_by_copier {
+            // FOLIO_CONTENT_COPIED: the copier filled the destination; check it, don't copy.
+            if hashing {
+                verify::hash_range(cx.map, old, chunk_size, &mut self.block)
+            } else {
+                0
+            }
+        } else {
+            verify::copy_and_hash(cx.map, old, spare, chunk_size, &mut self.block)
+        };
+        if cx.injected(InjectedFailure::CorruptCopy) {
+            let mut byte = [0u8];
+            cx.map.read(spare as usize, &mut byte);
+            cx.map.fill(spare as usize, 1, !byte[0]);
+        }
+        let swapped = if cx.injected(InjectedFailure::SwapFails) {
+            Err("injected memslot swap failure".to_string())
+        } else {
+            memory
+                .rebind_chunk(chunk, spare)
+                .map(|_| ())
+                .map_err(|e| format!("{e}: {}", root_cause(&e)))
+        };
+        let mut hash = HashCheck::NotTaken;
+        let failure = match swapped {
+            Err(reason) => Some(reason),
+            Ok(()) if hashing => {
+                // Hash what the guest now sees, through the updated GPA table.
+                let now = memory
+                    .host_offset(memory.layout().base_gpa + step.guest_offset)
+                    .expect("in RAM");
+                if verify::hash_range(cx.map, now, chunk_size, &mut self.block) == hash_before {
+                    hash = HashCheck::Matched;
+                    None
+                } else {
+                    hash = HashCheck::Mismatched;
+                    // The old chunk is untouched: point the guest back at it.
+                    memory.rebind_chunk(chunk, old).map_err(|source| {
+                        MigrateError::RestoreFailed {
+                            offset: step.guest_offset,
+                            len: chunk_size,
+                            source,
+                        }
+                    })?;
+                    Some("content hash differs after the swap".to_string())
+                }
+            }
+            Ok(()) => None,
+        };
+        let stop = paused.resume()?;
+
+        let outcome = match failure {
+            None => {
+                give_back(old);
+                StepOutcome::Moved
+            }
+            Some(reason) => {
+                give_back(spare);
+                StepOutcome::Restored {
+                    reason,
+                    to: RestoredTo::Original,
+                }
+            }
+        };
+        let mut report = report(step, outcome);
+        report.hash = hash;
+        let now = memory.chunk_offset(chunk);
+        check_result(cx, &mut report, now, pfns_before, Some(stop))?;
+        Ok(report)
+    }
+}
+
+/// Remap for confidential gmem: the host never maps it, so placement comes from the
+/// thread's own policy, the copy from the firmware-assisted copier, and verification is the
+/// copier's. Refused unless the copier reports the content copied.
+pub(crate) fn remap_confidential(
+    memory: &crate::memory::GuestMemory,
+    quiesce: &dyn super::Quiesce,
+    copier: &dyn super::ContentCopier,
+    step: &Step,
+) -> Result<StepReport, MigrateError> {
+    use crate::sys::mempolicy::{self, MPOL_BIND, MPOL_DEFAULT};
+    let chunk_size = memory.layout().chunk_size;
+    let chunk = step.guest_offset / chunk_size;
+    let Some(spare) = memory.take_spare() else {
+        return Ok(report(
+            step,
+            StepOutcome::NotAttempted {
+                reason: "no spare chunk is free".into(),
+            },
+        ));
+    };
+    let give_back = |offset: u64| {
+        let _ = memory.gmem().punch(offset, chunk_size);
+        memory.return_spare(offset);
+    };
+    // Without a mapping there is no mbind: allocate under this thread's policy instead.
+    let target = NodeMask::single(step.target);
+    let allocated = mempolicy::set_mempolicy(MPOL_BIND, target.as_raw())
+        .map_err(|source| MemoryError::Mbind {
+            offset: spare,
+            len: chunk_size,
+            source,
+        })
+        .and_then(|()| memory.gmem().allocate(spare, chunk_size));
+    let _ = mempolicy::set_mempolicy(MPOL_DEFAULT, NodeMask::new().as_raw());
+    if let Err(e) = allocated {
+        give_back(spare);
+        return Ok(report(
+            step,
+            StepOutcome::NotAttempted {
+                reason: root_cause(&e),
+            },
+        ));
+    }
+    let old = memory.chunk_offset(chunk);
+    let paused = Paused::new(quiesce)?;
+    let copied = copier.copy(memory.gmem(), old, spare, chunk_size);
+    let failure = match copied {
+        Ok(CopyOutcome::Copied) => memory
+            .rebind_chunk(chunk, spare)
+            .err()
+            .map(|e| root_cause(&e)),
+        Ok(CopyOutcome::NotCopied) => {
+            Some("the copier declined, and the host may not copy confidential memory".to_string())
+        }
+        Err(e) => Some(e.to_string()),
+    };
+    let stop = paused.resume()?;
+    let mut report = report(
+        step,
+        match &failure {
+            None => StepOutcome::Moved,
+            Some(reason) => StepOutcome::Restored {
+                reason: reason.clone(),
+                to: RestoredTo::Original,
+            },
+        },
+    );
+    give_back(if failure.is_none() { old } else { spare });
+    report.stop = Some(stop);
+    if failure.is_none() {
+        report.pages_moved = chunk_size / crate::memory::page_size();
+    }
+    Ok(report)
+}

@@ -1,0 +1,273 @@
+//! What a migration did: per-step outcomes, stop-time statistics, and the verified result.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::numa::NodeId;
+
+/// A way of moving gmem pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MechanismKind {
+    /// The kernel's own folio migration (move_pages); the guest need not stop.
+    Native,
+    /// Copy a chunk to spare room on the target and rebind its memslot; stops for copy+swap.
+    Remap,
+    /// Copy out, punch, re-allocate on the target, copy back; any layout.
+    Refault,
+}
+
+impl MechanismKind {
+    /// All mechanisms, in `auto`'s order of preference.
+    pub const ALL: [MechanismKind; 3] = [
+        MechanismKind::Native,
+        MechanismKind::Remap,
+        MechanismKind::Refault,
+    ];
+}
+
+impl fmt::Display for MechanismKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MechanismKind::Native => "native",
+            MechanismKind::Remap => "remap",
+            MechanismKind::Refault => "refault",
+        })
+    }
+}
+
+/// Which mechanism to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MechanismChoice {
+    /// Native if the kernel migrates gmem, else remap if the layout has spare room, else refault.
+    #[default]
+    Auto,
+    /// Exactly this one.
+    #[serde(untagged)]
+    Exactly(MechanismKind),
+}
+
+impl FromStr for MechanismChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(MechanismChoice::Auto),
+            "native" => Ok(MechanismChoice::Exactly(MechanismKind::Native)),
+            "remap" => Ok(MechanismChoice::Exactly(MechanismKind::Remap)),
+            "refault" => Ok(MechanismChoice::Exactly(MechanismKind::Refault)),
+            other => Err(format!(
+                "unknown mechanism '{other}': use auto, native, remap or refault"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for MechanismChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MechanismChoice::Auto => f.write_str("auto"),
+            MechanismChoice::Exactly(kind) => kind.fmt(f),
+        }
+    }
+}
+
+/// Where content went after a failed step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestoredTo {
+    /// Back where it was: the original memory, or fresh pages on the original node(s).
+    Original,
+    /// Fresh pages on whatever node the kernel could find.
+    AnyNode,
+}
+
+/// How one step ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum StepOutcome {
+    /// All its pages moved.
+    Moved,
+    /// The kernel moved some pages and not others (native only); content is intact.
+    Partial {
+        /// Pages the kernel did not move.
+        not_moved: u64,
+        /// What it said.
+        reason: String,
+    },
+    /// Nothing was touched, e.g. the target could not supply the memory.
+    NotAttempted {
+        /// Why.
+        reason: String,
+    },
+    /// The step failed halfway; the content was put back.
+    Restored {
+        /// What failed.
+        reason: String,
+        /// Where the content is now.
+        to: RestoredTo,
+    },
+}
+
+/// Content check of one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashCheck {
+    /// No hash was taken (verification off, or confidential memory).
+    NotTaken,
+    /// Hashes before and after match.
+    Matched,
+    /// They differ.
+    Mismatched,
+}
+
+/// The result of one step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StepReport {
+    /// Offset from the start of guest RAM.
+    pub guest_offset: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Destination node.
+    pub target: NodeId,
+    /// How it ended.
+    pub outcome: StepOutcome,
+    /// How long the guest was stopped for it, if it was.
+    pub stop: Option<Duration>,
+    /// Pages now on the target that were moved by this step.
+    pub pages_moved: u64,
+    /// Resident pages of the range not on the target afterwards (placement check).
+    pub pages_off_target: u64,
+    /// Present pages whose frame changed, if PFNs were readable.
+    pub pfns_changed: Option<u64>,
+    /// Present pages whose frames were compared.
+    pub pfns_checked: Option<u64>,
+    /// Content check.
+    pub hash: HashCheck,
+}
+
+/// Distribution of guest stop times, microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct StopStats {
+    /// Number of stops.
+    pub count: u64,
+    /// Median.
+    pub p50_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// Longest.
+    pub max_us: u64,
+    /// Sum of all stops.
+    pub total_us: u64,
+}
+
+impl StopStats {
+    /// Statistics of `stops` (nearest-rank percentiles).
+    pub fn from_durations(stops: &[Duration]) -> Self {
+        if stops.is_empty() {
+            return StopStats::default();
+        }
+        let mut us: Vec<u64> = stops.iter().map(|d| d.as_micros() as u64).collect();
+        us.sort_unstable();
+        let rank = |p: f64| us[((p * us.len() as f64).ceil() as usize).clamp(1, us.len()) - 1];
+        StopStats {
+            count: us.len() as u64,
+            p50_us: rank(0.50),
+            p99_us: rank(0.99),
+            max_us: *us.last().expect("non-empty"),
+            total_us: us.iter().sum(),
+        }
+    }
+}
+
+/// The verified result of a migration.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationReport {
+    /// The mechanism that ran.
+    pub mechanism: MechanismKind,
+    /// The policy, as text.
+    pub policy: String,
+    /// Whether pages already in place were relocated too.
+    pub relocate_in_place: bool,
+    /// Pages the plan said to move.
+    pub pages_planned: u64,
+    /// Pages that moved and passed verification.
+    pub pages_moved: u64,
+    /// Pages that did not move (content intact where they are).
+    pub pages_not_moved: u64,
+    /// Resident pages already where they belong.
+    pub pages_in_place: u64,
+    /// Bytes copied or migrated.
+    pub bytes_moved: u64,
+    /// Present pages whose frame changed (None without pagemap access).
+    pub pfns_changed: Option<u64>,
+    /// Present pages whose frames were compared.
+    pub pfns_checked: Option<u64>,
+    /// Content hashes compared.
+    pub hash_checks: u64,
+    /// Content hashes that differed (each one restored, or reported if not restorable).
+    pub hash_mismatches: u64,
+    /// Guest stop times over all steps.
+    pub stops: StopStats,
+    /// Steps run.
+    pub steps: u64,
+    /// Wall time of the whole migration, microseconds.
+    pub elapsed_us: u64,
+    /// Bytes moved per second of wall time, GB/s (10^9).
+    pub throughput_gbps: f64,
+    /// Resident pages per node before.
+    pub before: BTreeMap<NodeId, u64>,
+    /// Resident pages per node after.
+    pub after: BTreeMap<NodeId, u64>,
+    /// Steps that did not fully succeed.
+    pub failures: Vec<StepReport>,
+    /// Whether every planned page moved and verified.
+    pub complete: bool,
+    /// Things worth knowing (e.g. unreadable PFNs, a copier in use).
+    pub notes: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let stops: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
+        let s = StopStats::from_durations(&stops);
+        assert_eq!((s.count, s.p50_us, s.p99_us, s.max_us), (100, 50, 99, 100));
+        assert_eq!(StopStats::from_durations(&[]).count, 0);
+        let one = StopStats::from_durations(&[Duration::from_micros(7)]);
+        assert_eq!((one.p50_us, one.p99_us), (7, 7));
+    }
+
+    #[test]
+    fn mechanism_choice_parses() {
+        assert_eq!("auto".parse(), Ok(MechanismChoice::Auto));
+        assert_eq!(
+            "remap".parse(),
+            Ok(MechanismChoice::Exactly(MechanismKind::Remap))
+        );
+        assert!(
+            "teleport"
+                .parse::<MechanismChoice>()
+                .unwrap_err()
+                .contains("use auto")
+        );
+        let json = serde_json::to_string(&MechanismChoice::Exactly(MechanismKind::Native)).unwrap();
+        assert_eq!(json, "\"native\"");
+        assert_eq!(
+            serde_json::from_str::<MechanismChoice>("\"auto\"").unwrap(),
+            MechanismChoice::Auto
+        );
+        assert_eq!(
+            serde_json::from_str::<MechanismChoice>("\"refault\"").unwrap(),
+            MechanismChoice::Exactly(MechanismKind::Refault)
+        );
+    }
+}
