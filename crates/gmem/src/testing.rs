@@ -195,3 +195,29 @@ impl Quiesce for Writers {
         Ok(())
     }
 }
+
+/// Fills guest page i with byte (i & 0xff): the seed selftest's pattern.
+pub fn fill_seed_pattern(memory: &GuestMemory) -> Result<(), crate::memory::MemoryError> {
+    let map = memory.mapping()?;
+    for i in 0..memory.layout().guest_size / page_size() {
+        let offset = memory
+            .host_offset(memory.layout().base_gpa + i * page_size())
+            .expect("in RAM");
+        map.fill(offset as usize, page_size() as usize, (i & 0xff) as u8);
+    }
+    Ok(())
+}
+
+/// The first guest page whose bytes are not all (i & 0xff), read through the GPA table.
+pub fn first_seed_mismatch(
+    memory: &GuestMemory,
+) -> Result<Option<u64>, crate::memory::MemoryError> {
+    let mut buf = vec![0u8; page_size() as usize];
+    for i in 0..memory.layout().guest_size / page_size() {
+        memory.read_guest(memory.layout().base_gpa + i * page_size(), &mut buf)?;
+        if buf.iter().any(|&b| b != (i & 0xff) as u8) {
+            return Ok(Some(i));
+        }
+    }
+    Ok(None)
+}

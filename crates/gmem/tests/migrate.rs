@@ -12,7 +12,7 @@ use gmem::migrate::{
     PlacementPolicy, RestoredTo, StepOutcome,
 };
 use gmem::numa::{NodeId, Topology};
-use gmem::testing::{Writers, can_read_pfns, kvm_or_skip};
+use gmem::testing::{self, Writers, can_read_pfns, kvm_or_skip};
 use proptest::prelude::*;
 
 const MIB: u64 = 1 << 20;
@@ -21,22 +21,12 @@ fn home_node() -> NodeId {
     Topology::read().unwrap().nodes[0].id
 }
 
-/// Page i filled with byte (i & 0xff), as in the seed's selftest.
 fn fill_seed_pattern(mem: &GuestMemory) {
-    let map = mem.mapping().unwrap();
-    for i in 0..mem.layout().guest_size / page_size() {
-        let off = mem.host_offset(i * page_size()).unwrap();
-        map.fill(off as usize, page_size() as usize, (i & 0xff) as u8);
-    }
+    testing::fill_seed_pattern(mem).unwrap();
 }
 
-/// Index of the first guest page whose bytes are not (i & 0xff).
 fn first_bad_page(mem: &GuestMemory) -> Option<u64> {
-    let mut buf = vec![0u8; page_size() as usize];
-    (0..mem.layout().guest_size / page_size()).find(|&i| {
-        mem.read_guest(i * page_size(), &mut buf).unwrap();
-        buf.iter().any(|&b| b != (i & 0xff) as u8)
-    })
+    testing::first_seed_mismatch(mem).unwrap()
 }
 
 fn relocate(mechanism: MechanismKind) -> MigrationRequest {

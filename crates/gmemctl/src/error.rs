@@ -44,6 +44,15 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    /// A migration could not run.
+    #[error(transparent)]
+    Migrate(#[from] gmem::migrate::MigrateError),
+    /// A command-line value is out of range.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A check the command exists to make did not hold (lost data, a failed selftest).
+    #[error("{0}")]
+    CheckFailed(String),
     /// Writing JSON failed.
     #[error("cannot write JSON output")]
     Json(#[from] serde_json::Error),
@@ -55,6 +64,8 @@ impl CliError {
         let user = match self {
             CliError::Kvm(e) | CliError::Probe(ProbeError::Kvm(e)) => e.is_user_error(),
             CliError::Memory(e) => e.is_user_error(),
+            CliError::Migrate(e) => e.is_user_error(),
+            CliError::InvalidArgument(_) => true,
             CliError::NoSuchProcess { .. } | CliError::ProcessPermission { .. } => true,
             _ => false,
         };

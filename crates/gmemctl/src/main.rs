@@ -3,6 +3,7 @@
 mod cmd;
 mod error;
 mod table;
+mod units;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,12 +32,21 @@ enum Command {
     /// Show the guest_memfd mappings of a process with their policy and pages per node,
     /// like `numastat -p`, but gmem-aware.
     Status(cmd::status::Args),
+    /// The seed's kernel selftest, for every mechanism: bind a gmem to node 0, fill page i
+    /// with (i & 0xff), move it to node 1 and back, checking node and every byte each time.
+    /// On one node, each move is a relocation proven by changed PFNs.
+    Selftest(cmd::selftest::Args),
+    /// Measure each mechanism's throughput and guest stop times, as ratios to single-thread
+    /// memcpy and to a naive refault measured in the same run.
+    Bench(cmd::bench::Args),
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Probe(args) => cmd::probe::run(&cli.kvm_device, args),
         Command::Status(args) => cmd::status::run(args),
+        Command::Selftest(args) => cmd::selftest::run(&cli.kvm_device, args),
+        Command::Bench(args) => cmd::bench::run(&cli.kvm_device, args),
     }
 }
 

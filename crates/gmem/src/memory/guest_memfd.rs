@@ -28,6 +28,17 @@ impl GuestMemfd {
         ))
     }
 
+    /// The flags for host-mappable guest memory on this kernel: MMAP|INIT_SHARED, plus
+    /// MIGRATABLE where the kernel offers it (our kernel series), so that the kernel's own
+    /// migration can move it. `None` if guest_memfd is not host-mappable here.
+    pub fn host_mappable_flags(vm: &VmFd) -> Option<GmemFlags> {
+        let supported = Self::supported_flags(vm)?;
+        if !supported.contains(GmemFlags::HOST_MAPPABLE) {
+            return None;
+        }
+        Some(GmemFlags::HOST_MAPPABLE | GmemFlags(supported.0 & GmemFlags::MIGRATABLE.0))
+    }
+
     /// Creates a guest_memfd of `size` bytes (`KVM_CREATE_GUEST_MEMFD`).
     ///
     /// Checks the size and the flags first so that bad input gets a sentence, not an errno.

@@ -18,7 +18,7 @@ use super::report::{
 };
 use super::verify::Verify;
 use crate::memory::{GmemFlags, GuestMemory, MemoryError, Placement, Policy, page_size};
-use crate::numa::{NodeMask, Pagemap, Topology};
+use crate::numa::{FrameNodes, NodeMask, Pagemap, Topology};
 use crate::probe::{self, Verdict};
 
 /// Largest refault/native batch, bytes: bounds the bounce buffer.
@@ -225,16 +225,12 @@ impl<'a> Migrator<'a> {
         let before = self.memory.guest_placement()?;
         let (mechanism, plan) = self.plan(request)?;
         let pagemap = Pagemap::open_self().ok();
+        let frames = FrameNodes::read();
         let mut notes = Vec::new();
         if request.verify.placement() && !crate::testing::can_read_pfns() {
             notes
                 .push("PFNs not checked: /proc/self/pagemap hides them from non-root users".into());
         }
-        let mut engine: Box<dyn Mechanism> = match mechanism {
-            MechanismKind::Native => Box::new(Native::new()),
-            MechanismKind::Remap => Box::new(Remap::new()),
-            MechanismKind::Refault => Box::new(Refault::new(self.memory.vm(), MAX_BATCH)?),
-        };
         if self.copier.is_some() {
             notes.push(match mechanism {
                 MechanismKind::Remap => {
@@ -243,57 +239,76 @@ impl<'a> Migrator<'a> {
                 other => format!("the ContentCopier is not used by {other}"),
             });
         }
+        let cx = StepContext {
+            memory: self.memory,
+            map,
+            quiesce: self.quiesce,
+            verify: request.verify,
+            pagemap: pagemap.as_ref(),
+            frames: frames.as_ref(),
+            copier: self.copier,
+            inject: request.inject,
+            index: 0,
+        };
 
         let mut reports: Vec<StepReport> = Vec::new();
         let mut stops: Vec<Duration> = Vec::new();
-        let mut batch_pages = FIRST_BATCH_PAGES;
-        let mut index = 0usize;
         let mut pages_moved = 0u64;
-        let mut stopped_early = None;
-        'steps: for (planned, step) in plan.steps.iter().enumerate() {
-            for batch in self.batches(mechanism, step, batch_pages, request) {
-                let cx = StepContext {
-                    memory: self.memory,
-                    map,
-                    quiesce: self.quiesce,
-                    verify: request.verify,
-                    pagemap: pagemap.as_ref(),
-                    copier: self.copier,
-                    inject: request.inject,
-                    index,
-                };
-                index += 1;
-                let mut report = engine.run(&cx, &batch)?;
-                if let Some(stop) = report.stop {
-                    stops.push(stop);
-                    batch_pages = next_batch(batch.len, stop, request.max_stop);
-                }
-                report.pages_moved = match &report.outcome {
-                    StepOutcome::Moved if report.hash != HashCheck::Mismatched => {
-                        batch.pages_to_move
-                    }
-                    StepOutcome::Partial { not_moved, .. } => {
-                        batch.pages_to_move.saturating_sub(*not_moved)
-                    }
-                    _ => 0,
-                };
-                pages_moved += report.pages_moved;
-                let failed = report.outcome != StepOutcome::Moved;
-                reports.push(report);
-                if let Some(progress) = self.progress {
-                    progress(&Progress {
-                        mechanism,
-                        pages_moved,
-                        pages_planned: plan.pages_to_move,
-                        steps: index as u64,
-                    });
-                }
-                if failed {
-                    stopped_early = Some(plan.steps.len() - planned - 1);
-                    break 'steps;
-                }
+        // Records one step's report; false once a step failed (the migration stops there).
+        let mut record = |mut report: StepReport, pages_to_move: u64| -> bool {
+            stops.extend(report.stop);
+            report.pages_moved = match &report.outcome {
+                StepOutcome::Moved if report.hash != HashCheck::Mismatched => pages_to_move,
+                StepOutcome::Partial { not_moved, .. } => pages_to_move.saturating_sub(*not_moved),
+                _ => 0,
+            };
+            pages_moved += report.pages_moved;
+            let ok = report.outcome == StepOutcome::Moved;
+            reports.push(report);
+            if let Some(progress) = self.progress {
+                progress(&Progress {
+                    mechanism,
+                    pages_moved,
+                    pages_planned: plan.pages_to_move,
+                    steps: reports.len() as u64,
+                });
+            }
+            ok
+        };
+        match mechanism {
+            MechanismKind::Remap => Remap::new().run_pipelined(&cx, &plan.steps, &mut record)?,
+            MechanismKind::Native => {
+                // Without content hashes native never stops the guest: take the largest batches.
+                let never_stops = !request.verify.hashes();
+                run_batched(
+                    &mut Native::new(),
+                    &cx,
+                    &plan.steps,
+                    request.max_stop,
+                    never_stops,
+                    &mut record,
+                )?
+            }
+            MechanismKind::Refault => {
+                let mut refault = Refault::new(self.memory.vm(), MAX_BATCH)?;
+                run_batched(
+                    &mut refault,
+                    &cx,
+                    &plan.steps,
+                    request.max_stop,
+                    false,
+                    &mut record,
+                )?
             }
         }
+        let attempted: std::collections::BTreeSet<u64> =
+            reports.iter().map(|r| r.guest_offset).collect();
+        let not_attempted = plan
+            .steps
+            .iter()
+            .filter(|s| !attempted.contains(&s.guest_offset))
+            .count();
+        let stopped_early = (not_attempted > 0).then_some(not_attempted);
         if let Some(left) = stopped_early {
             notes.push(format!(
                 "stopped after the first failed step; {left} later planned steps were not attempted"
@@ -304,35 +319,6 @@ impl<'a> Migrator<'a> {
         Ok(self.finish(
             mechanism, request, &plan, reports, &stops, before, after, started, notes,
         ))
-    }
-
-    /// Cuts a planned step into batches: whole chunks for remap, budget-sized pieces for the
-    /// others (native without hashing never stops the guest, so it takes big batches).
-    fn batches(
-        &self,
-        mechanism: MechanismKind,
-        step: &Step,
-        batch_pages: u64,
-        request: &MigrationRequest,
-    ) -> Vec<Step> {
-        let size = match mechanism {
-            MechanismKind::Remap => return vec![*step],
-            MechanismKind::Native if !request.verify.hashes() => MAX_BATCH,
-            _ => batch_pages * page_size(),
-        };
-        let mut out = Vec::new();
-        let mut at = 0;
-        while at < step.len {
-            let len = size.min(step.len - at);
-            out.push(Step {
-                guest_offset: step.guest_offset + at,
-                len,
-                target: step.target,
-                pages_to_move: len / page_size(),
-            });
-            at += len;
-        }
-        out
     }
 
     /// Binds each unit's range to its target for future allocations (pages the guest has
@@ -495,6 +481,53 @@ impl<'a> Migrator<'a> {
             notes,
         ))
     }
+}
+
+/// Runs native or refault: each planned step cut into batches sized to the stop budget, or
+/// the largest batches for a mechanism that never stops the guest.
+fn run_batched(
+    mechanism: &mut dyn Mechanism,
+    cx: &StepContext<'_>,
+    steps: &[Step],
+    max_stop: Duration,
+    never_stops: bool,
+    record: &mut dyn FnMut(StepReport, u64) -> bool,
+) -> Result<(), MigrateError> {
+    let mut batch_pages = FIRST_BATCH_PAGES;
+    let mut index = 0;
+    for step in steps {
+        let mut at = 0;
+        while at < step.len {
+            let size = if never_stops {
+                MAX_BATCH
+            } else {
+                batch_pages * page_size()
+            };
+            let len = size.min(step.len - at);
+            let batch = Step {
+                guest_offset: step.guest_offset + at,
+                len,
+                target: step.target,
+                pages_to_move: len / page_size(),
+            };
+            at += len;
+            let report = mechanism.run(
+                &StepContext {
+                    index,
+                    ..cx.clone()
+                },
+                &batch,
+            )?;
+            index += 1;
+            if let Some(stop) = report.stop {
+                batch_pages = next_batch(batch.len, stop, max_stop);
+            }
+            if !record(report, batch.pages_to_move) {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The next batch size, in pages, that should fit the stop budget: the last batch's rate

@@ -9,16 +9,19 @@ use super::report::{HashCheck, StepOutcome, StepReport};
 use super::verify::{self, Verify};
 use super::{InjectedFailure, MigrateError};
 use crate::memory::{GuestMemory, Placement, page_size};
-use crate::numa::Pagemap;
+use crate::numa::{FrameNodes, NodeId, Pagemap};
 use crate::sys::mman::Mmap;
 
 /// Everything a step may use.
+#[derive(Clone)]
 pub(crate) struct StepContext<'a> {
     pub memory: &'a GuestMemory,
     pub map: &'a Mmap,
     pub quiesce: &'a dyn Quiesce,
     pub verify: Verify,
     pub pagemap: Option<&'a Pagemap>,
+    /// PFN -> node, when memory blocks are visible: placement from one pagemap read.
+    pub frames: Option<&'a FrameNodes>,
     pub copier: Option<&'a dyn ContentCopier>,
     pub inject: Option<InjectedFailure>,
     /// Index of this step in the migration, for fault injection.
@@ -44,6 +47,31 @@ impl StepContext<'_> {
             return None;
         }
         verify::pfns(self.pagemap, self.map, offset, len / page_size())
+    }
+
+    /// Resident pages of a mapped gmem range per node: from PFNs when it can (one pagemap
+    /// read), else from move_pages.
+    pub fn pages_per_node(
+        &self,
+        offset: u64,
+        len: u64,
+        pfns: Option<&[Option<u64>]>,
+    ) -> Result<std::collections::BTreeMap<NodeId, u64>, MigrateError> {
+        if let (Some(pfns), Some(frames)) = (pfns, self.frames) {
+            let nodes: Option<Vec<NodeId>> = pfns
+                .iter()
+                .flatten()
+                .map(|&pfn| frames.node_of(pfn))
+                .collect();
+            if let Some(nodes) = nodes {
+                let mut counts = std::collections::BTreeMap::new();
+                for node in nodes {
+                    *counts.entry(node).or_insert(0) += 1;
+                }
+                return Ok(counts);
+            }
+        }
+        Ok(Placement::query(self.map, offset, len)?.per_node())
     }
 }
 

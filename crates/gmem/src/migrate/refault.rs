@@ -4,8 +4,9 @@
 //! to the stop budget. Before the stop, a scratch reservation proves the target (and the
 //! memory cgroup) can supply the batch, so a full node fails before anything is touched.
 //! The reservation is released right after the punch: free lists are LIFO, so the batch
-//! then gets the reservation's frames rather than the ones it just gave back, and a
-//! relocation within one node really changes frames. After the punch, the bounce buffer
+//! then gets the reservation's frames. Within one node, a soak first takes the frames the
+//! punch freed and holds them while the batch allocates, so a relocation really changes
+//! every frame. After the punch, the bounce buffer
 //! holds the only copy: every failure from there on writes it back before resuming.
 
 use super::mechanism::{Mechanism, StepContext, check_result, report};
@@ -72,6 +73,7 @@ impl Refault {
         offset: u64,
         len: u64,
         step: &Step,
+        same_node: bool,
     ) -> Result<u64, MemoryError> {
         let gmem = cx.memory.gmem();
         cx.memory.set_policy_unchecked(
@@ -80,6 +82,10 @@ impl Refault {
             &Policy::Bind(NodeMask::single(step.target)),
         )?;
         gmem.punch(offset, len)?;
+        if same_node {
+            // Hold the frames just freed, so the batch must take others.
+            self.scratch.soak(len, step.target);
+        }
         self.scratch.release();
         if cx.injected(InjectedFailure::AllocateAfterPunch) {
             return Err(MemoryError::Allocate {
@@ -88,7 +94,8 @@ impl Refault {
                 source: std::io::Error::other("injected failure after punch"),
             });
         }
-        gmem.allocate(offset, len)?;
+        // Allocates under the new policy and maps in one pass; a node that cannot supply
+        // the pages fails here with ENOMEM (never a SIGBUS on a later touch).
         cx.memory.populate(offset, len)?;
         Ok(self.write_back(cx, offset, len))
     }
@@ -113,7 +120,6 @@ impl Refault {
             let attempt = cx
                 .memory
                 .set_policy_unchecked(offset, len, &policy)
-                .and_then(|()| gmem.allocate(offset, len))
                 .and_then(|()| cx.memory.populate(offset, len));
             match attempt {
                 Ok(()) => {
@@ -142,6 +148,7 @@ impl Mechanism for Refault {
         );
         let before = Placement::query(cx.map, offset, len)?;
         let original: NodeMask = before.per_node().into_keys().collect();
+        let same_node = original == NodeMask::single(step.target);
         let pfns_before = cx.pfns(offset, len);
 
         // Prove the target can supply the batch before touching it.
@@ -179,7 +186,7 @@ impl Mechanism for Refault {
         } else {
             HashCheck::NotTaken
         };
-        let failure = match self.replace(cx, offset, len, step) {
+        let failure = match self.replace(cx, offset, len, step, same_node) {
             Ok(hash_after) if !cx.verify.hashes() || hash_after == hash_before => None,
             Ok(_) => {
                 hash = HashCheck::Mismatched;
@@ -194,6 +201,7 @@ impl Mechanism for Refault {
                 Err(source) => {
                     // Leave the guest stopped: running it on missing memory would be worse.
                     self.scratch.release();
+                    self.scratch.drain_soak();
                     std::mem::forget(paused);
                     return Err(MigrateError::RestoreFailed {
                         offset: step.guest_offset,
@@ -205,6 +213,7 @@ impl Mechanism for Refault {
         };
         let stop = paused.resume()?;
         self.scratch.release();
+        self.scratch.drain_soak();
         if let Some(cpus) = &affinity {
             let _ = sched::set_affinity(cpus);
         }

@@ -5,14 +5,14 @@
 //! intact until the guest has resumed on the new one, so any failure just swaps back.
 
 use super::copier::CopyOutcome;
-use super::mechanism::{Mechanism, StepContext, check_result, report};
+use super::mechanism::{StepContext, check_result, report};
 use super::plan::Step;
 use super::quiesce::Paused;
 use super::refault::root_cause;
 use super::report::{HashCheck, RestoredTo, StepOutcome, StepReport};
 use super::verify::{self, BLOCK};
 use super::{InjectedFailure, MigrateError};
-use crate::memory::{MemoryError, Policy};
+use crate::memory::{MemoryError, Policy, page_size};
 use crate::numa::NodeMask;
 
 /// The remap mechanism.
@@ -27,7 +27,8 @@ impl Remap {
         }
     }
 
-    /// Allocates the spare chunk on the target and maps it, while the guest runs.
+    /// Allocates the spare chunk on the target and maps it, while the guest runs, then
+    /// checks where the kernel put it.
     fn prepare(
         &self,
         cx: &StepContext<'_>,
@@ -47,16 +48,16 @@ impl Remap {
         memory
             .set_policy_unchecked(spare, len, &Policy::Bind(NodeMask::single(step.target)))
             .map_err(fail)?;
-        memory.gmem().allocate(spare, len).map_err(fail)?;
-        // Map the destination now, so the copy takes no faults inside the stop.
+        // One pass allocates under the policy and maps, so the copy takes no faults inside
+        // the stop. A node that cannot supply the pages fails here with ENOMEM.
         memory.populate(spare, len).map_err(fail)?;
-        let placed = memory.placement(spare, len).map_err(fail)?;
-        if placed.per_node().get(&step.target).copied().unwrap_or(0)
-            != len / crate::memory::page_size()
-        {
+        let pfns = verify::pfns(cx.pagemap, cx.map, spare, len / page_size());
+        let placed = cx
+            .pages_per_node(spare, len, pfns.as_deref())
+            .map_err(|e| e.to_string())?;
+        if placed.get(&step.target).copied().unwrap_or(0) != len / page_size() {
             return Err(format!(
-                "the kernel placed the destination at {:?}, not on node {}",
-                placed.per_node(),
+                "the kernel placed the destination at {placed:?}, not on node {}",
                 step.target
             ));
         }
@@ -64,33 +65,101 @@ impl Remap {
     }
 }
 
-impl Mechanism for Remap {
-    fn run(&mut self, cx: &StepContext<'_>, step: &Step) -> Result<StepReport, MigrateError> {
+/// Keeps the worker's spare supply moving: a returned spare wakes it.
+type SpareReturned = std::sync::mpsc::Sender<()>;
+
+impl Remap {
+    /// Runs `steps` (whole chunks) as a two-stage pipeline on two threads: a worker
+    /// allocates, maps and checks the destination of the next steps while this thread runs
+    /// the current step's stop (copy, swap) and retires the old chunk. `each` gets every
+    /// report with its step's pages to move, and says whether to go on.
+    pub fn run_pipelined(
+        &mut self,
+        cx: &StepContext<'_>,
+        steps: &[Step],
+        each: &mut dyn FnMut(StepReport, u64) -> bool,
+    ) -> Result<(), MigrateError> {
         let memory = cx.memory;
         let chunk_size = memory.layout().chunk_size;
-        if step.len != chunk_size || !step.guest_offset.is_multiple_of(chunk_size) {
-            return Err(MigrateError::InvalidRequest(
-                "remap moves whole chunks".into(),
-            ));
+        if let Some(bad) = steps
+            .iter()
+            .find(|s| s.len != chunk_size || !s.guest_offset.is_multiple_of(chunk_size))
+        {
+            return Err(MigrateError::InvalidRequest(format!(
+                "remap moves whole chunks, not {:#x}+{:#x}",
+                bad.guest_offset, bad.len
+            )));
         }
+        std::thread::scope(|scope| {
+            // At most two destinations wait ready: each holds a chunk of memory.
+            let (ready_tx, ready_rx) =
+                std::sync::mpsc::sync_channel::<(usize, Result<u64, String>)>(2);
+            let (returned_tx, returned_rx) = std::sync::mpsc::channel::<()>();
+            let worker_cx = cx.clone();
+            let worker = Remap::new();
+            scope.spawn(move || {
+                for (index, step) in steps.iter().enumerate() {
+                    let spare = loop {
+                        if let Some(spare) = memory.take_spare() {
+                            break spare;
+                        }
+                        if returned_rx.recv().is_err() {
+                            return; // the main thread is done
+                        }
+                    };
+                    let prepared = worker
+                        .prepare(&worker_cx, spare, chunk_size, step)
+                        .map(|()| spare);
+                    if prepared.is_err() {
+                        retire(memory, spare);
+                    }
+                    if let Err(unsent) = ready_tx.send((index, prepared)) {
+                        if let (_, Ok(spare)) = unsent.0 {
+                            retire(memory, spare);
+                        }
+                        return;
+                    }
+                }
+            });
+            for (index, step) in steps.iter().enumerate() {
+                let (ready_index, prepared) = ready_rx
+                    .recv()
+                    .expect("the worker prepares every step in order");
+                debug_assert_eq!(ready_index, index);
+                let step_cx = StepContext {
+                    index: cx.index + index,
+                    ..cx.clone()
+                };
+                let report = match prepared {
+                    Ok(spare) => self.switch(&step_cx, step, spare, &returned_tx)?,
+                    Err(reason) => report(step, StepOutcome::NotAttempted { reason }),
+                };
+                if !each(report, step.pages_to_move) {
+                    break;
+                }
+            }
+            drop(ready_rx); // a worker blocked on a full queue gives its spare back and ends
+            Ok(())
+        })
+    }
+
+    /// The guest-visible part of one step: copy into the prepared spare and swap the
+    /// memslot while stopped, then retire whichever chunk the guest no longer uses.
+    fn switch(
+        &mut self,
+        cx: &StepContext<'_>,
+        step: &Step,
+        spare: u64,
+        returned: &SpareReturned,
+    ) -> Result<StepReport, MigrateError> {
+        let memory = cx.memory;
+        let chunk_size = memory.layout().chunk_size;
         let chunk = step.guest_offset / chunk_size;
-        let Some(spare) = memory.take_spare() else {
-            return Ok(report(
-                step,
-                StepOutcome::NotAttempted {
-                    reason: "no spare chunk is free".into(),
-                },
-            ));
-        };
         let old = memory.chunk_offset(chunk);
         let give_back = |offset: u64| {
-            let _ = memory.gmem().punch(offset, chunk_size);
-            memory.return_spare(offset);
+            retire(memory, offset);
+            let _ = returned.send(());
         };
-        if let Err(reason) = self.prepare(cx, spare, chunk_size, step) {
-            give_back(spare);
-            return Ok(report(step, StepOutcome::NotAttempted { reason }));
-        }
         memory.populate(old, chunk_size)?;
         let pfns_before = cx.pfns(old, chunk_size);
 
@@ -175,6 +244,12 @@ impl Mechanism for Remap {
         check_result(cx, &mut report, now, pfns_before, Some(stop))?;
         Ok(report)
     }
+}
+
+/// Frees a chunk's pages and returns its room to the spare pool.
+fn retire(memory: &crate::memory::GuestMemory, offset: u64) {
+    let _ = memory.gmem().punch(offset, memory.layout().chunk_size);
+    memory.return_spare(offset);
 }
 
 /// Remap for confidential gmem: the host never maps it, so placement comes from the
