@@ -7,6 +7,7 @@
 //! All unsafe code lives in `gmem::sys`.
 #![forbid(unsafe_code)]
 
+pub mod api;
 mod config;
 mod error;
 pub mod guest;
