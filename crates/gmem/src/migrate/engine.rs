@@ -276,7 +276,7 @@ impl<'a> Migrator<'a> {
             ok
         };
         match mechanism {
-            MechanismKind::Remap => Remap::new().run_pipelined(&cx, &plan.steps, &mut record)?,
+            MechanismKind::Remap => Remap.run_pipelined(&cx, &plan.steps, &mut record)?,
             MechanismKind::Native => {
                 // Without content hashes native never stops the guest: take the largest batches.
                 let never_stops = !request.verify.hashes();

@@ -17,7 +17,7 @@ mod refault;
 mod remap;
 mod report;
 mod scratch;
-mod verify;
+pub mod verify;
 
 pub use copier::{ContentCopier, CopierError, CopyOutcome};
 pub use engine::{InjectedFailure, MigrationRequest, Migrator, Progress};

@@ -14,7 +14,6 @@ use super::plan::Step;
 use super::quiesce::Paused;
 use super::report::{HashCheck, RestoredTo, StepOutcome, StepReport};
 use super::scratch::Scratch;
-use super::verify::{self, BLOCK};
 use super::{InjectedFailure, MigrateError};
 use crate::memory::{MemoryError, Placement, Policy};
 use crate::numa::NodeMask;
@@ -26,7 +25,6 @@ pub(crate) struct Refault {
     /// Holds one batch while its pages are replaced; never the whole guest.
     bounce: Mmap,
     scratch: Scratch,
-    block: Vec<u8>,
 }
 
 impl Refault {
@@ -50,19 +48,15 @@ impl Refault {
         Ok(Refault {
             bounce,
             scratch: Scratch::new(cx_vm, max_batch)?,
-            block: vec![0; BLOCK],
         })
     }
 
-    /// Copies the bounce buffer into the range and returns the hash of what landed there.
-    fn write_back(&mut self, cx: &StepContext<'_>, offset: u64, len: u64) -> u64 {
+    /// Copies the bounce buffer into the range; with checking on, returns whether what
+    /// landed equals the bounce buffer byte for byte.
+    fn write_back(&self, cx: &StepContext<'_>, offset: u64, len: u64) -> bool {
         self.bounce
             .copy_to(0, cx.map, offset as usize, len as usize);
-        if cx.verify.hashes() {
-            verify::hash_range(cx.map, offset, len, &mut self.block)
-        } else {
-            0
-        }
+        !cx.verify.hashes() || cx.map.equal(offset as usize, &self.bounce, 0, len as usize)
     }
 
     /// Punch, allocate on the target, copy back. Any error leaves the range punched or
@@ -74,7 +68,7 @@ impl Refault {
         len: u64,
         step: &Step,
         same_node: bool,
-    ) -> Result<u64, MemoryError> {
+    ) -> Result<bool, MemoryError> {
         let gmem = cx.memory.gmem();
         cx.memory.set_policy_unchecked(
             offset,
@@ -108,7 +102,6 @@ impl Refault {
         offset: u64,
         len: u64,
         original: NodeMask,
-        hash: u64,
     ) -> Result<RestoredTo, MemoryError> {
         let gmem = cx.memory.gmem();
         let mut last = None;
@@ -122,13 +115,10 @@ impl Refault {
                 .set_policy_unchecked(offset, len, &policy)
                 .and_then(|()| cx.memory.populate(offset, len));
             match attempt {
+                Ok(()) if self.write_back(cx, offset, len) => return Ok(to),
                 Ok(()) => {
-                    let landed = self.write_back(cx, offset, len);
-                    if !cx.verify.hashes() || landed == hash {
-                        return Ok(to);
-                    }
                     last = Some(MemoryError::Layout(
-                        "restored content does not match its hash".into(),
+                        "restored content differs from the saved copy".into(),
                     ));
                 }
                 Err(e) => last = Some(e),
@@ -173,30 +163,26 @@ impl Mechanism for Refault {
         }
 
         let paused = Paused::new(cx.quiesce)?;
-        // Copy out, hashing as we go. From the punch on, the bounce buffer is the only copy.
+        // Copy out. From the punch on, the bounce buffer is the only copy, and what comes
+        // back is compared with it byte for byte.
         cx.map
             .copy_to(offset as usize, &self.bounce, 0, len as usize);
-        let hash_before = if cx.verify.hashes() {
-            verify::hash_range(&self.bounce, 0, len, &mut self.block)
-        } else {
-            0
-        };
         let mut hash = if cx.verify.hashes() {
             HashCheck::Matched
         } else {
             HashCheck::NotTaken
         };
         let failure = match self.replace(cx, offset, len, step, same_node) {
-            Ok(hash_after) if !cx.verify.hashes() || hash_after == hash_before => None,
-            Ok(_) => {
+            Ok(true) => None,
+            Ok(false) => {
                 hash = HashCheck::Mismatched;
-                Some("content hash differs after the copy back".to_string())
+                Some("content differs from the saved copy after the copy back".to_string())
             }
             Err(e) => Some(format!("{e}: {}", root_cause(&e))),
         };
         let outcome = match failure {
             None => StepOutcome::Moved,
-            Some(reason) => match self.restore(cx, offset, len, original, hash_before) {
+            Some(reason) => match self.restore(cx, offset, len, original) {
                 Ok(to) => StepOutcome::Restored { reason, to },
                 Err(source) => {
                     // Leave the guest stopped: running it on missing memory would be worse.

@@ -2,7 +2,8 @@
 //!
 //! The destination is allocated, placed and mapped while the guest runs. Only the copy and
 //! the memslot swap (delete, re-create) happen while it is stopped. The old chunk stays
-//! intact until the guest has resumed on the new one, so any failure just swaps back.
+//! intact until the guest has resumed on the new one, so any failure just swaps back, and
+//! the check after the swap is a byte-exact comparison with it.
 
 use super::copier::CopyOutcome;
 use super::mechanism::{StepContext, check_result, report};
@@ -10,23 +11,15 @@ use super::plan::Step;
 use super::quiesce::Paused;
 use super::refault::root_cause;
 use super::report::{HashCheck, RestoredTo, StepOutcome, StepReport};
-use super::verify::{self, BLOCK};
+use super::verify;
 use super::{InjectedFailure, MigrateError};
 use crate::memory::{MemoryError, Policy, page_size};
 use crate::numa::NodeMask;
 
 /// The remap mechanism.
-pub(crate) struct Remap {
-    block: Vec<u8>,
-}
+pub(crate) struct Remap;
 
 impl Remap {
-    pub fn new() -> Self {
-        Remap {
-            block: vec![0; BLOCK],
-        }
-    }
-
     /// Allocates the spare chunk on the target and maps it, while the guest runs, then
     /// checks where the kernel put it.
     fn prepare(
@@ -96,7 +89,7 @@ impl Remap {
                 std::sync::mpsc::sync_channel::<(usize, Result<u64, String>)>(2);
             let (returned_tx, returned_rx) = std::sync::mpsc::channel::<()>();
             let worker_cx = cx.clone();
-            let worker = Remap::new();
+            let worker = Remap;
             scope.spawn(move || {
                 for (index, step) in steps.iter().enumerate() {
                     let spare = loop {
@@ -173,17 +166,11 @@ impl Remap {
             }
             None => false,
         };
-        let hashing = cx.verify.hashes();
-        let hash_before = if copied_by_copier {
-            // FOLIO_CONTENT_COPIED: the copier filled the destination; check it, don't copy.
-            if hashing {
-                verify::hash_range(cx.map, old, chunk_size, &mut self.block)
-            } else {
-                0
-            }
-        } else {
-            verify::copy_and_hash(cx.map, old, spare, chunk_size, &mut self.block)
-        };
+        let checking = cx.verify.hashes();
+        if !copied_by_copier {
+            cx.map
+                .copy_to(old as usize, cx.map, spare as usize, chunk_size as usize);
+        }
         if cx.injected(InjectedFailure::CorruptCopy) {
             let mut byte = [0u8];
             cx.map.read(spare as usize, &mut byte);
@@ -200,17 +187,21 @@ impl Remap {
         let mut hash = HashCheck::NotTaken;
         let failure = match swapped {
             Err(reason) => Some(reason),
-            Ok(()) if hashing => {
-                // Hash what the guest now sees, through the updated GPA table.
+            Ok(()) if checking => {
+                // The old chunk is still intact: compare what the guest now sees, through
+                // the updated GPA table, with it byte for byte.
                 let now = memory
                     .host_offset(memory.layout().base_gpa + step.guest_offset)
                     .expect("in RAM");
-                if verify::hash_range(cx.map, now, chunk_size, &mut self.block) == hash_before {
+                if cx
+                    .map
+                    .equal(now as usize, cx.map, old as usize, chunk_size as usize)
+                {
                     hash = HashCheck::Matched;
                     None
                 } else {
                     hash = HashCheck::Mismatched;
-                    // The old chunk is untouched: point the guest back at it.
+                    // Point the guest back at the untouched old chunk.
                     memory.rebind_chunk(chunk, old).map_err(|source| {
                         MigrateError::RestoreFailed {
                             offset: step.guest_offset,
@@ -218,7 +209,7 @@ impl Remap {
                             source,
                         }
                     })?;
-                    Some("content hash differs after the swap".to_string())
+                    Some("content differs after the swap".to_string())
                 }
             }
             Ok(()) => None,

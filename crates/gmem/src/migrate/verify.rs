@@ -1,5 +1,5 @@
-//! Verification helpers: content hashes taken while stopped, PFN snapshots, and a bounded
-//! block buffer for copying through cache.
+//! Verification building blocks: content hashes taken while stopped, PFN snapshots, and
+//! copying through a cache-sized block buffer. Public for benchmarks and tools.
 
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
@@ -8,7 +8,7 @@ use crate::numa::Pagemap;
 use crate::sys::mman::Mmap;
 
 /// Bytes copied or hashed per block: small enough to stay in L2 between read and write.
-pub(crate) const BLOCK: usize = 64 * 1024;
+pub const BLOCK: usize = 64 * 1024;
 
 /// How much to check after each step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -37,7 +37,7 @@ impl Verify {
 }
 
 /// Hashes `len` bytes of `map` at `offset`, block by block through `buf`.
-pub(crate) fn hash_range(map: &Mmap, offset: u64, len: u64, buf: &mut [u8]) -> u64 {
+pub fn hash_range(map: &Mmap, offset: u64, len: u64, buf: &mut [u8]) -> u64 {
     let mut hasher = Xxh3::new();
     let mut done = 0u64;
     while done < len {
@@ -52,7 +52,7 @@ pub(crate) fn hash_range(map: &Mmap, offset: u64, len: u64, buf: &mut [u8]) -> u
 /// Copies `len` bytes from `src` to `dst` in `map` through `buf`, returning the hash of
 /// what was copied. One pass over memory: each block is read once into cache, hashed, and
 /// written from there.
-pub(crate) fn copy_and_hash(map: &Mmap, src: u64, dst: u64, len: u64, buf: &mut [u8]) -> u64 {
+pub fn copy_and_hash(map: &Mmap, src: u64, dst: u64, len: u64, buf: &mut [u8]) -> u64 {
     let mut hasher = Xxh3::new();
     let mut done = 0u64;
     while done < len {

@@ -125,6 +125,22 @@ impl Mmap {
         unsafe { std::ptr::copy(self.ptr_at(src_offset), dst.ptr_at(dst_offset), len) };
     }
 
+    /// Whether `len` bytes at `offset` equal `len` bytes of `other` at `other_offset`
+    /// (`memcmp(3)`, byte-exact; no Rust references into either mapping are formed).
+    pub fn equal(&self, offset: usize, other: &Mmap, other_offset: usize, len: usize) -> bool {
+        self.check(offset, len);
+        other.check(other_offset, len);
+        // SAFETY: both ranges are inside live mappings (checked); memcmp only reads them.
+        let diff = unsafe {
+            libc::memcmp(
+                self.ptr_at(offset).cast(),
+                other.ptr_at(other_offset).cast(),
+                len,
+            )
+        };
+        diff == 0
+    }
+
     /// Reads the 8-byte word at `offset` without tearing, for racing readers and writers.
     pub fn read_u64(&self, offset: usize) -> u64 {
         self.check(offset, 8);
