@@ -53,6 +53,44 @@ pub enum CliError {
     /// A check the command exists to make did not hold (lost data, a failed selftest).
     #[error("{0}")]
     CheckFailed(String),
+    /// The VM could not be started or stopped.
+    #[error(transparent)]
+    Vm(#[from] vmm::VmError),
+    /// The VM's control API could not be served.
+    #[error(transparent)]
+    ApiServer(#[from] vmm::api::ApiServerError),
+    /// The VM's control API could not be reached or answered nonsense.
+    #[error(transparent)]
+    ApiClient(#[from] vmm::api::ApiClientError),
+    /// The VM's control API refused the request; its sentence says why.
+    #[error("{sentence}")]
+    ApiRefused {
+        /// The HTTP status.
+        status: u16,
+        /// The API's `error` sentence.
+        sentence: String,
+    },
+    /// A VM configuration file could not be read.
+    #[error("cannot read the VM configuration {}", path.display())]
+    ReadConfig {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A VM configuration file is not a valid configuration.
+    #[error("the VM configuration {} is not valid", path.display())]
+    ParseConfig {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong, with line and column.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The SIGINT/SIGTERM handlers could not be installed.
+    #[error("cannot install the SIGINT and SIGTERM handlers")]
+    InstallSignalHandler(#[source] std::io::Error),
     /// Writing JSON failed.
     #[error("cannot write JSON output")]
     Json(#[from] serde_json::Error),
@@ -66,9 +104,26 @@ impl CliError {
             CliError::Memory(e) => e.is_user_error(),
             CliError::Migrate(e) => e.is_user_error(),
             CliError::InvalidArgument(_) => true,
+            CliError::Vm(e) => vm_user_error(e),
+            CliError::ApiServer(e) => e.is_user_error(),
+            CliError::ApiClient(e) => e.no_server(),
+            CliError::ApiRefused { status, .. } => (400..500).contains(status),
+            CliError::ReadConfig { .. } | CliError::ParseConfig { .. } => true,
             CliError::NoSuchProcess { .. } | CliError::ProcessPermission { .. } => true,
             _ => false,
         };
         if user { EXIT_USER } else { EXIT_FAILURE }
+    }
+}
+
+/// Whether a VM failure is the user's to fix (configuration, host limits, no KVM access).
+fn vm_user_error(error: &vmm::VmError) -> bool {
+    match error {
+        vmm::VmError::InvalidConfig(_)
+        | vmm::VmError::TooManyVcpus { .. }
+        | vmm::VmError::TooManyChunks { .. }
+        | vmm::VmError::NotEnoughHostMemory { .. } => true,
+        vmm::VmError::OpenKvm(e) => e.is_user_error(),
+        _ => false,
     }
 }

@@ -32,6 +32,12 @@ enum Command {
     /// Show the guest_memfd mappings of a process with their policy and pages per node,
     /// like `numastat -p`, but gmem-aware.
     Status(cmd::status::Args),
+    /// Start the built-in guest in a VM on gmem memory and serve its control API (HTTP/JSON
+    /// on a Unix socket) until SIGINT or SIGTERM.
+    Run(cmd::run::Args),
+    /// Ask a running VM (`gmemctl run`) to move its memory; follow the job and print the
+    /// verified result. Exit 1 if the migration was incomplete or did not verify.
+    Migrate(cmd::migrate::Args),
     /// The seed's kernel selftest, for every mechanism: bind a gmem to node 0, fill page i
     /// with (i & 0xff), move it to node 1 and back, checking node and every byte each time.
     /// On one node, each move is a relocation proven by changed PFNs.
@@ -45,6 +51,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Probe(args) => cmd::probe::run(&cli.kvm_device, args),
         Command::Status(args) => cmd::status::run(args),
+        Command::Run(args) => cmd::run::run(&cli.kvm_device, args),
+        Command::Migrate(args) => cmd::migrate::run(args),
         Command::Selftest(args) => cmd::selftest::run(&cli.kvm_device, args),
         Command::Bench(args) => cmd::bench::run(&cli.kvm_device, args),
     }

@@ -1,6 +1,8 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod migrate;
 pub mod probe;
+pub mod run;
 pub mod selftest;
 pub mod status;

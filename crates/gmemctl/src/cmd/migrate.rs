@@ -1,0 +1,479 @@
+//! `gmemctl migrate`: ask a running VMM (`gmemctl run`) to move its guest memory, follow the
+//! job, and print the verified result.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use gmem::migrate::{MechanismChoice, Verify};
+use serde_json::Value;
+use vmm::api::{ApiClient, MigrateBody, PolicyName};
+
+use crate::error::CliError;
+use crate::table::mib;
+use crate::units::parse_duration;
+
+/// How often the job is polled.
+const POLL: Duration = Duration::from_millis(100);
+/// A range in a list ("0-7") may cover at most this many numbers.
+const MAX_LIST_RANGE: u32 = 8192;
+/// Width of the progress bar, characters.
+const BAR: usize = 30;
+
+/// Placement policies.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum PolicyArg {
+    /// Everything on the one node in --nodes.
+    Bind,
+    /// Everything off the one node in --nodes.
+    Drain,
+    /// Chunks round-robin over --nodes.
+    Interleave,
+    /// On the nodes of --cpus.
+    Follow,
+}
+
+/// What to verify after each step.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum VerifyArg {
+    /// Placement, PFNs and content hashes.
+    Full,
+    /// Placement and PFNs.
+    Placement,
+    /// Nothing.
+    Off,
+}
+
+/// Options of `gmemctl migrate`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The VMM's API socket (printed by `gmemctl run`).
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    /// Where memory should go.
+    #[arg(long, value_enum)]
+    policy: PolicyArg,
+    /// Nodes in list syntax ("1", "0-1,3"): bind's target, drain's node to empty, or
+    /// interleave's set.
+    #[arg(long, value_name = "LIST", value_parser = parse_list)]
+    nodes: Option<NumberList>,
+    /// CPUs in list syntax, whose nodes the memory should follow (follow only).
+    #[arg(long, value_name = "LIST", value_parser = parse_list)]
+    cpus: Option<NumberList>,
+    /// How to move pages: auto, native, remap or refault.
+    #[arg(long, value_name = "MECHANISM", default_value = "auto")]
+    mechanism: MechanismChoice,
+    /// Longest the guest may be stopped per step, e.g. 500us or 1ms.
+    #[arg(long, value_name = "DURATION", default_value = "1ms", value_parser = parse_duration)]
+    max_stop: Duration,
+    /// Also move pages already on their target node (new frames on the same node): how to
+    /// relocate memory on a one-node host.
+    #[arg(long)]
+    relocate_in_place: bool,
+    /// What to verify after every step.
+    #[arg(long, value_enum, default_value = "full")]
+    verify: VerifyArg,
+    /// Print the finished job (request, report, guest mismatches) as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Node or CPU numbers from a list such as "0-2,5".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NumberList(pub Vec<u32>);
+
+/// Parses "0-2,5" into [0, 1, 2, 5]. Numbers are checked by the API, not here.
+pub fn parse_list(text: &str) -> Result<NumberList, String> {
+    let mut out = Vec::new();
+    for part in text.split(',').map(str::trim) {
+        let number = |s: &str| {
+            s.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("'{s}' in '{text}' is not a number: use a list like 0-2,5"))
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (number(a)?, number(b)?);
+                if a > b {
+                    return Err(format!("the range {a}-{b} runs backwards"));
+                }
+                if b - a >= MAX_LIST_RANGE {
+                    return Err(format!("the range {a}-{b} is too long"));
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(number(part)?),
+        }
+    }
+    Ok(NumberList(out))
+}
+
+impl Args {
+    fn body(&self) -> MigrateBody {
+        let mut body = MigrateBody::new(match self.policy {
+            PolicyArg::Bind => PolicyName::Bind,
+            PolicyArg::Drain => PolicyName::Drain,
+            PolicyArg::Interleave => PolicyName::Interleave,
+            PolicyArg::Follow => PolicyName::Follow,
+        });
+        body.nodes = self.nodes.as_ref().map(|l| l.0.clone());
+        body.cpus = self.cpus.as_ref().map(|l| l.0.clone());
+        body.mechanism = self.mechanism.into();
+        body.max_stop_us = u64::try_from(self.max_stop.as_micros()).unwrap_or(u64::MAX);
+        body.relocate_in_place = self.relocate_in_place;
+        body.verify = match self.verify {
+            VerifyArg::Full => Verify::Full,
+            VerifyArg::Placement => Verify::Placement,
+            VerifyArg::Off => Verify::Off,
+        };
+        body
+    }
+}
+
+/// An API answer that is not the one hoped for, as an error.
+pub fn refusal(reply: &vmm::api::ApiReply) -> CliError {
+    CliError::ApiRefused {
+        status: reply.status,
+        sentence: reply.error_sentence().unwrap_or_else(|| {
+            format!(
+                "the VMM answered {} {}",
+                reply.status,
+                String::from_utf8_lossy(&reply.body).trim()
+            )
+        }),
+    }
+}
+
+/// Submits the migration, follows it, prints the result.
+pub fn run(args: Args) -> Result<(), CliError> {
+    let client = ApiClient::new(&args.api_sock);
+    let reply = client.put_json("/memory/migrate", &args.body())?;
+    if reply.status != 202 {
+        return Err(refusal(&reply));
+    }
+    let id = reply.json::<Value>()?["id"]
+        .as_u64()
+        .ok_or_else(|| CliError::CheckFailed("the VMM accepted the job without an id".into()))?;
+    let mut bar = ProgressBar::new(id, std::io::stderr().is_terminal());
+    let job = loop {
+        let reply = client.get(&format!("/memory/migrations/{id}"))?;
+        if reply.status != 200 {
+            bar.finish();
+            return Err(refusal(&reply));
+        }
+        let job: Value = reply.json()?;
+        if job["state"] != "running" {
+            break job;
+        }
+        bar.update(&job["progress"]);
+        std::thread::sleep(POLL);
+    };
+    bar.update(&job["report"]);
+    bar.finish();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&job)?);
+    } else {
+        print!("{}", render(&job));
+    }
+    verdict(&job)
+}
+
+/// Exit status from the job's state.
+fn verdict(job: &Value) -> Result<(), CliError> {
+    let id = &job["id"];
+    match job["state"].as_str() {
+        Some("succeeded") => Ok(()),
+        Some("incomplete") => {
+            let report = &job["report"];
+            Err(CliError::CheckFailed(format!(
+                "migration {id} is incomplete: {} of {} planned pages moved, {} content hash \
+                 mismatches, {} guest mismatches",
+                report["pages_moved"],
+                report["pages_planned"],
+                report["hash_mismatches"],
+                job["guest"]["mismatches"]
+            )))
+        }
+        _ => Err(CliError::CheckFailed(format!(
+            "migration {id} failed: {}",
+            job["error"].as_str().unwrap_or("no reason given")
+        ))),
+    }
+}
+
+/// Progress on stderr: a bar redrawn in place on a terminal, a line per 10% otherwise.
+#[derive(Debug)]
+struct ProgressBar {
+    id: u64,
+    terminal: bool,
+    drawn: bool,
+    last_decile: Option<u64>,
+}
+
+impl ProgressBar {
+    fn new(id: u64, terminal: bool) -> Self {
+        if !terminal {
+            eprintln!("migration {id}: started");
+        }
+        ProgressBar {
+            id,
+            terminal,
+            drawn: false,
+            last_decile: None,
+        }
+    }
+
+    /// `progress` is a Progress or a MigrationReport (both have the page counts).
+    fn update(&mut self, progress: &Value) {
+        let (Some(moved), Some(planned)) = (
+            progress["pages_moved"].as_u64(),
+            progress["pages_planned"].as_u64(),
+        ) else {
+            return;
+        };
+        let fraction = if planned == 0 {
+            1.0
+        } else {
+            (moved as f64 / planned as f64).min(1.0)
+        };
+        let mechanism = progress["mechanism"].as_str().unwrap_or("?");
+        let mut err = std::io::stderr().lock();
+        if self.terminal {
+            let filled = (fraction * BAR as f64).round() as usize;
+            let _ = write!(
+                err,
+                "\r\x1b[Kmigration {} [{}{}] {:3.0}%  {moved}/{planned} pages  {mechanism}",
+                self.id,
+                "#".repeat(filled),
+                "-".repeat(BAR - filled),
+                fraction * 100.0
+            );
+            let _ = err.flush();
+            self.drawn = true;
+        } else {
+            let decile = (fraction * 10.0).floor() as u64;
+            if self.last_decile != Some(decile) {
+                self.last_decile = Some(decile);
+                let _ = writeln!(
+                    err,
+                    "migration {}: {:.0}% ({moved}/{planned} pages, {mechanism})",
+                    self.id,
+                    fraction * 100.0
+                );
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if self.drawn {
+            eprintln!();
+            self.drawn = false;
+        }
+    }
+}
+
+fn us(value: &Value) -> String {
+    let us = value.as_u64().unwrap_or(0);
+    if us >= 1_000_000 {
+        format!("{:.2} s", us as f64 / 1e6)
+    } else if us >= 1000 {
+        format!("{:.1} ms", us as f64 / 1e3)
+    } else {
+        format!("{us} us")
+    }
+}
+
+fn per_node(counts: &Value) -> String {
+    match counts.as_object() {
+        Some(map) if !map.is_empty() => map
+            .iter()
+            .map(|(node, pages)| format!("node {node} {pages}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => "none".into(),
+    }
+}
+
+/// The finished job as text.
+fn render(job: &Value) -> String {
+    let request = &job["request"];
+    let mut out = format!(
+        "migration {} {}: {}{}\n",
+        job["id"],
+        job["state"].as_str().unwrap_or("?"),
+        request["policy"].as_str().unwrap_or("?"),
+        match (request["nodes"].as_array(), request["cpus"].as_array()) {
+            (Some(nodes), _) => format!(
+                " node {}",
+                nodes
+                    .iter()
+                    .map(Value::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            (None, Some(cpus)) => format!(
+                " cpu {}",
+                cpus.iter()
+                    .map(Value::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            _ => String::new(),
+        },
+    );
+    let report = &job["report"];
+    if report.is_null() {
+        out += &format!(
+            "  error              {}\n",
+            job["error"].as_str().unwrap_or("none given")
+        );
+        return out;
+    }
+    let row = |name: &str, value: String| format!("  {name:<18} {value}\n");
+    out += &row(
+        "mechanism",
+        format!(
+            "{}{}",
+            report["mechanism"].as_str().unwrap_or("?"),
+            if report["relocate_in_place"] == true {
+                ", relocating pages in place"
+            } else {
+                ""
+            }
+        ),
+    );
+    out += &row(
+        "pages",
+        format!(
+            "{} planned, {} moved, {} not moved, {} already in place",
+            report["pages_planned"],
+            report["pages_moved"],
+            report["pages_not_moved"],
+            report["pages_in_place"]
+        ),
+    );
+    out += &row(
+        "moved",
+        format!(
+            "{} in {} ({:.2} GB/s)",
+            mib(report["bytes_moved"].as_u64().unwrap_or(0)),
+            us(&report["elapsed_us"]),
+            report["throughput_gbps"].as_f64().unwrap_or(0.0)
+        ),
+    );
+    out += &row(
+        "new frames",
+        match (
+            report["pfns_changed"].as_u64(),
+            report["pfns_checked"].as_u64(),
+        ) {
+            (Some(changed), Some(checked)) => format!("{changed} of {checked} pages checked"),
+            _ => "not checked (PFNs need root)".into(),
+        },
+    );
+    out += &row(
+        "content hashes",
+        format!(
+            "{} compared, {} differed",
+            report["hash_checks"], report["hash_mismatches"]
+        ),
+    );
+    let stops = &report["stops"];
+    out += &row(
+        "guest stops",
+        format!(
+            "{}: p50 {}, p99 {}, max {}, total {}",
+            stops["count"],
+            us(&stops["p50_us"]),
+            us(&stops["p99_us"]),
+            us(&stops["max_us"]),
+            us(&stops["total_us"])
+        ),
+    );
+    out += &row(
+        "pages per node",
+        format!(
+            "before: {}; after: {}",
+            per_node(&report["before"]),
+            per_node(&report["after"])
+        ),
+    );
+    out += &row(
+        "guest",
+        format!(
+            "{} mismatches, {} sweeps during the migration",
+            job["guest"]["mismatches"], job["guest"]["sweeps"]
+        ),
+    );
+    out += &row(
+        "complete",
+        if report["complete"] == true {
+            "yes".into()
+        } else {
+            "no".into()
+        },
+    );
+    for failure in report["failures"].as_array().into_iter().flatten() {
+        out += &row(
+            "failed step",
+            format!(
+                "guest offset {:#x}, {}: {}",
+                failure["guest_offset"].as_u64().unwrap_or(0),
+                mib(failure["len"].as_u64().unwrap_or(0)),
+                failure["outcome"]
+            ),
+        );
+    }
+    for note in report["notes"].as_array().into_iter().flatten() {
+        out += &row("note", note.as_str().unwrap_or("").to_owned());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists() {
+        assert_eq!(parse_list("1"), Ok(NumberList(vec![1])));
+        assert_eq!(parse_list("0-2,5"), Ok(NumberList(vec![0, 1, 2, 5])));
+        assert_eq!(parse_list(" 7 "), Ok(NumberList(vec![7])));
+        assert!(parse_list("2-1").unwrap_err().contains("backwards"));
+        assert!(parse_list("x").unwrap_err().contains("not a number"));
+        assert!(parse_list("0-4000000000").unwrap_err().contains("too long"));
+    }
+
+    #[test]
+    fn renders_a_finished_job() {
+        let job = serde_json::json!({
+            "id": 3, "state": "succeeded",
+            "request": {"policy": "bind", "nodes": [0]},
+            "report": {
+                "mechanism": "remap", "relocate_in_place": true, "pages_planned": 10,
+                "pages_moved": 10, "pages_not_moved": 0, "pages_in_place": 0,
+                "bytes_moved": 40960, "elapsed_us": 1500, "throughput_gbps": 0.03,
+                "pfns_changed": 10, "pfns_checked": 10, "hash_checks": 1,
+                "hash_mismatches": 0,
+                "stops": {"count": 1, "p50_us": 200, "p99_us": 200, "max_us": 200,
+                          "total_us": 200},
+                "before": {"0": 10}, "after": {"0": 10}, "complete": true,
+                "failures": [], "notes": ["a note"]
+            },
+            "guest": {"mismatches": 0, "sweeps": 5}
+        });
+        let text = render(&job);
+        assert!(
+            text.starts_with("migration 3 succeeded: bind node 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("10 of 10 pages checked"), "{text}");
+        assert!(text.contains("p50 200 us"), "{text}");
+        assert!(text.contains("0 mismatches, 5 sweeps"), "{text}");
+        assert!(text.contains("note               a note"), "{text}");
+        assert!(verdict(&job).is_ok());
+        let mut incomplete = job.clone();
+        incomplete["state"] = "incomplete".into();
+        assert!(verdict(&incomplete).is_err());
+    }
+}

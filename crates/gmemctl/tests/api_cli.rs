@@ -1,0 +1,315 @@
+//! `gmemctl run`, `migrate` and `status --api-sock` end to end: a VM process serving its
+//! API, migrations through it with their exit codes, and a clean SIGTERM shutdown.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use gmem::testing::kvm_or_skip;
+use serde_json::Value;
+
+fn gmemctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gmemctl"))
+        .args(args)
+        .output()
+        .expect("gmemctl runs")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            stderr(out)
+        )
+    })
+}
+
+/// A user error: exit code 2, the expected sentence, no panic.
+fn assert_user_error(out: &Output, needle: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    assert!(
+        err.contains(needle),
+        "stderr {err:?} should contain {needle:?}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// A private temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("gmemctl-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `gmemctl run` child process; killed if the test ends without stopping it.
+struct RunningVm {
+    child: Child,
+    sock: PathBuf,
+    pid: u32,
+}
+
+impl RunningVm {
+    /// Starts `gmemctl run ARGS --api-sock SOCK` and waits for its pid and socket lines.
+    fn start(sock: &Path, args: &[&str]) -> RunningVm {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gmemctl"))
+            .arg("run")
+            .args(args)
+            .arg("--api-sock")
+            .arg(sock)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("gmemctl run starts");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let line = |child: &mut Child, stdout: &mut BufReader<ChildStdout>| {
+            let mut line = String::new();
+            if stdout.read_line(&mut line).unwrap() == 0 {
+                let _ = child.wait();
+                let mut err = String::new();
+                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                panic!("gmemctl run ended before it was ready: {err}");
+            }
+            line.trim().to_owned()
+        };
+        let pid_line = line(&mut child, &mut stdout);
+        let sock_line = line(&mut child, &mut stdout);
+        let pid: u32 = pid_line
+            .strip_prefix("pid: ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line {pid_line:?}"));
+        assert_eq!(pid, child.id());
+        assert_eq!(sock_line, format!("api-sock: {}", sock.display()));
+        RunningVm {
+            child,
+            sock: sock.to_owned(),
+            pid,
+        }
+    }
+
+    fn sock(&self) -> &str {
+        self.sock.to_str().unwrap()
+    }
+
+    /// Sends SIGTERM and waits (at most a minute) for the exit; returns code and stderr.
+    fn terminate(mut self) -> (Option<i32>, String) {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gmemctl run did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        let _ = self.child.stderr.take().unwrap().read_to_string(&mut err);
+        (status.code(), err)
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[test]
+fn run_migrate_and_status_end_to_end() {
+    if kvm_or_skip("run_migrate_and_status_end_to_end").is_none() {
+        return;
+    }
+    let dir = TempDir::new("api-e2e");
+    let config = dir.0.join("vm.json");
+    // The file sets three fields; the --vcpus flag overrides one of them.
+    std::fs::write(
+        &config,
+        r#"{"mem_size": 33554432, "vcpus": 2, "spare_chunks": 2}"#,
+    )
+    .unwrap();
+    let sock = dir.0.join("api.sock");
+    let vm = RunningVm::start(
+        &sock,
+        &["--config", config.to_str().unwrap(), "--vcpus", "1"],
+    );
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // status --api-sock: the layout the file and flags asked for, and the placement.
+    let out = gmemctl(&["status", "--api-sock", vm.sock(), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status = json(&out);
+    assert_eq!(status["vm"]["pid"], vm.pid);
+    assert_eq!(status["vm"]["config"]["mem_size"], 32 << 20);
+    assert_eq!(status["vm"]["config"]["vcpus"], 1);
+    assert_eq!(status["vm"]["memory"]["spare_chunks"], 2);
+    let placement = &status["placement"];
+    assert_eq!(
+        placement["pages"].as_u64().unwrap() * placement["page_size"].as_u64().unwrap(),
+        32 << 20
+    );
+    let text = gmemctl(&["status", "--api-sock", vm.sock()]);
+    assert!(text.status.success());
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("ranges in guest order"), "{text}");
+    assert!(text.contains(&format!("VM (pid {})", vm.pid)), "{text}");
+    // The PID form still works on the same VMM.
+    let out = gmemctl(&["status", &vm.pid.to_string(), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!json(&out)["mappings"].as_array().unwrap().is_empty());
+
+    // A relocation through the API: exit 0, a complete verified report.
+    let out = gmemctl(&[
+        "migrate",
+        "--api-sock",
+        vm.sock(),
+        "--policy",
+        "bind",
+        "--nodes",
+        "0",
+        "--relocate-in-place",
+        "--max-stop",
+        "2ms",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let job = json(&out);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["report"]["complete"], true);
+    assert_eq!(job["report"]["hash_mismatches"], 0);
+    assert_eq!(job["guest"]["mismatches"], 0);
+    assert_eq!(job["request"]["max_stop_us"], 2000);
+    assert!(job["report"]["pages_moved"].as_u64().unwrap() > 0);
+    // Not a terminal: progress comes as plain lines.
+    let err = stderr(&out);
+    assert!(
+        err.contains("migration 1: started") && err.contains("100%"),
+        "{err}"
+    );
+    assert!(!err.contains('\r'), "{err:?}");
+
+    // The table form, with the other copying mechanism.
+    let out = gmemctl(&[
+        "migrate",
+        "--api-sock",
+        vm.sock(),
+        "--policy",
+        "bind",
+        "--nodes",
+        "0",
+        "--mechanism",
+        "refault",
+        "--relocate-in-place",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("migration 2 succeeded: bind node 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("refault, relocating pages in place"),
+        "{text}"
+    );
+    assert!(text.contains("complete           yes"), "{text}");
+
+    // The API's refusals are user errors, with the API's sentence.
+    let refuse = |args: &[&str], needle: &str| {
+        let mut all = vec!["migrate", "--api-sock", vm.sock()];
+        all.extend_from_slice(args);
+        assert_user_error(&gmemctl(&all), needle);
+    };
+    refuse(
+        &["--policy", "bind", "--nodes", "7"],
+        "gmemctl: NUMA node 7 cannot be a target: it does not exist",
+    );
+    refuse(&["--policy", "bind"], "bind takes exactly one node");
+    refuse(
+        &["--policy", "follow", "--cpus", "5000"],
+        "CPU 5000 is not online",
+    );
+    refuse(
+        &["--policy", "bind", "--nodes", "0", "--max-stop", "10ns"],
+        "max_stop_us 0",
+    );
+    // A second VMM on the same socket is refused; the first keeps serving.
+    let second = gmemctl(&["run", "--mem", "16M", "--api-sock", vm.sock()]);
+    assert_user_error(&second, "is in use");
+    let out = gmemctl(&["status", "--api-sock", vm.sock(), "--json"]);
+    assert_eq!(json(&out)["vm"]["state"], "Running");
+
+    // SIGTERM: a clean stop, exit 0, the socket removed.
+    let (code, err) = vm.terminate();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("with 0 mismatches"), "{err}");
+    assert!(!sock.exists(), "the socket was left behind");
+    assert_user_error(
+        &gmemctl(&["status", "--api-sock", sock.to_str().unwrap()]),
+        "cannot connect to the VMM API",
+    );
+}
+
+#[test]
+fn run_refuses_bad_configurations_with_exit_code_2() {
+    let dir = TempDir::new("api-config");
+    let sock = dir.0.join("api.sock");
+    let sock = sock.to_str().unwrap();
+    let unknown = dir.0.join("unknown.json");
+    std::fs::write(&unknown, r#"{"mem_size": 33554432, "vcpu": 1}"#).unwrap();
+    let out = gmemctl(&[
+        "run",
+        "--config",
+        unknown.to_str().unwrap(),
+        "--api-sock",
+        sock,
+    ]);
+    assert_user_error(&out, "unknown field `vcpu`");
+    let out = gmemctl(&[
+        "run",
+        "--config",
+        "/nonexistent/vm.json",
+        "--api-sock",
+        sock,
+    ]);
+    assert_user_error(&out, "cannot read the VM configuration");
+    let out = gmemctl(&["run", "--mem", "3M", "--api-sock", sock]);
+    assert_user_error(&out, "invalid VM configuration: mem_size");
+    let out = gmemctl(&["run", "--mem", "lots", "--api-sock", sock]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let file = dir.0.join("file");
+    std::fs::write(&file, b"x").unwrap();
+    if kvm_or_skip("run_refuses_a_non_socket").is_some() {
+        let out = gmemctl(&["run", "--mem", "16M", "--api-sock", file.to_str().unwrap()]);
+        assert_user_error(&out, "exists and is not a socket");
+        assert_eq!(std::fs::read(&file).unwrap(), b"x");
+    }
+    assert!(!Path::new(sock).exists());
+}
