@@ -20,6 +20,33 @@ use crate::numa::NodeMask;
 use crate::sys::mman::Mmap;
 use crate::sys::sched;
 
+/// Batches at least this large are split across two CPUs.
+const SPLIT_AT: u64 = 64 * 4096;
+
+/// A share of a batch: bytes `at..at+len` of it, and the same bytes of the bounce buffer
+/// and of each scratch half.
+#[derive(Debug, Clone, Copy)]
+struct Part {
+    at: u64,
+    len: u64,
+}
+
+/// One part, or two page-aligned halves for batches worth two threads.
+fn split(len: u64) -> Vec<Part> {
+    let page = crate::memory::page_size();
+    if len < SPLIT_AT {
+        return vec![Part { at: 0, len }];
+    }
+    let half = (len / 2).div_ceil(page) * page;
+    vec![
+        Part { at: 0, len: half },
+        Part {
+            at: half,
+            len: len - half,
+        },
+    ]
+}
+
 /// The refault mechanism, with its bounded buffers.
 pub(crate) struct Refault {
     /// Holds one batch while its pages are replaced; never the whole guest.
@@ -53,51 +80,70 @@ impl Refault {
 
     /// Copies the bounce buffer into the range; with checking on, returns whether what
     /// landed equals the bounce buffer byte for byte.
-    fn write_back(&self, cx: &StepContext<'_>, offset: u64, len: u64) -> bool {
-        self.bounce
-            .copy_to(0, cx.map, offset as usize, len as usize);
-        !cx.verify.hashes() || cx.map.equal(offset as usize, &self.bounce, 0, len as usize)
+    fn write_back(&self, cx: &StepContext<'_>, offset: u64, part: Part) -> bool {
+        let (at, len) = (part.at as usize, part.len as usize);
+        self.bounce.copy_to(at, cx.map, offset as usize + at, len);
+        !cx.verify.hashes() || cx.map.equal(offset as usize + at, &self.bounce, at, len)
     }
 
-    /// Punch, allocate on the target, copy back. Any error leaves the range punched or
-    /// partly allocated; the caller restores it.
-    fn replace(
-        &mut self,
+    /// One thread's share of the stopped work: punch, (soak), take the reservation's frames,
+    /// allocate and map on the target, copy back. Any error leaves its part punched or
+    /// partly allocated; the caller restores the whole batch.
+    fn replace_part(
+        &self,
         cx: &StepContext<'_>,
         offset: u64,
-        len: u64,
+        part: Part,
         step: &Step,
         same_node: bool,
     ) -> Result<bool, MemoryError> {
-        let gmem = cx.memory.gmem();
-        cx.memory.set_policy_unchecked(
-            offset,
-            len,
-            &Policy::Bind(NodeMask::single(step.target)),
-        )?;
-        gmem.punch(offset, len)?;
+        let (start, len) = (offset + part.at, part.len);
+        cx.memory.gmem().punch(start, len)?;
         if same_node {
-            // Hold the frames just freed, so the batch must take others.
-            self.scratch.soak(len, step.target);
+            // Hold the frames just freed, so this part must take others.
+            self.scratch.soak(part.at, len, step.target);
         }
-        self.scratch.release();
-        if cx.injected(InjectedFailure::AllocateAfterPunch) {
+        self.scratch.release(part.at, len);
+        if part.at == 0 && cx.injected(InjectedFailure::AllocateAfterPunch) {
             return Err(MemoryError::Allocate {
-                offset,
+                offset: start,
                 len,
                 source: std::io::Error::other("injected failure after punch"),
             });
         }
         // Allocates under the new policy and maps in one pass; a node that cannot supply
         // the pages fails here with ENOMEM (never a SIGBUS on a later touch).
-        cx.memory.populate(offset, len)?;
-        Ok(self.write_back(cx, offset, len))
+        cx.memory.populate(start, len)?;
+        Ok(self.write_back(cx, offset, part))
+    }
+
+    /// Runs `work` on every part, one thread per CPU: this one on the first CPU it may
+    /// use, a scoped helper on the second. Each stays on its CPU so the frames it frees
+    /// and takes come from that CPU's lists.
+    fn on_each_cpu<T: Send>(
+        &self,
+        cpus: &[usize],
+        parts: &[Part],
+        work: impl Fn(Part) -> T + Sync,
+    ) -> Vec<T> {
+        match (parts, cpus) {
+            ([first, second], [cpu_a, cpu_b, ..]) => std::thread::scope(|scope| {
+                let helper = scope.spawn(|| {
+                    let _ = sched::set_affinity(&[*cpu_b]);
+                    work(*second)
+                });
+                let _ = sched::set_affinity(&[*cpu_a]);
+                let mine = work(*first);
+                vec![mine, helper.join().expect("refault helper thread")]
+            }),
+            _ => parts.iter().map(|&part| work(part)).collect(),
+        }
     }
 
     /// Puts the bounce buffer's content back: on the original nodes if they can take it,
     /// else anywhere. Returns where it went.
     fn restore(
-        &mut self,
+        &self,
         cx: &StepContext<'_>,
         offset: u64,
         len: u64,
@@ -115,7 +161,7 @@ impl Refault {
                 .set_policy_unchecked(offset, len, &policy)
                 .and_then(|()| cx.memory.populate(offset, len));
             match attempt {
-                Ok(()) if self.write_back(cx, offset, len) => return Ok(to),
+                Ok(()) if self.write_back(cx, offset, Part { at: 0, len }) => return Ok(to),
                 Ok(()) => {
                     last = Some(MemoryError::Layout(
                         "restored content differs from the saved copy".into(),
@@ -155,39 +201,45 @@ impl Mechanism for Refault {
                 },
             ));
         }
-        // Free lists are per CPU: stay on one for the step so the batch gets the
-        // reservation's frames back.
-        let affinity = sched::affinity().ok();
-        if let Some(cpus) = &affinity {
-            let _ = sched::set_affinity(&cpus[..1]);
-        }
+        let affinity = sched::affinity().unwrap_or_default();
+        let parts = split(len);
 
         let paused = Paused::new(cx.quiesce)?;
-        // Copy out. From the punch on, the bounce buffer is the only copy, and what comes
-        // back is compared with it byte for byte.
-        cx.map
-            .copy_to(offset as usize, &self.bounce, 0, len as usize);
+        // From the punch on, the bounce buffer is the only copy, and what comes back is
+        // compared with it byte for byte.
+        let policy = Policy::Bind(NodeMask::single(step.target));
+        let replaced = cx
+            .memory
+            .set_policy_unchecked(offset, len, &policy)
+            .map(|()| {
+                self.on_each_cpu(&affinity, &parts, |part| {
+                    let (at, part_len) = (part.at as usize, part.len as usize);
+                    cx.map
+                        .copy_to(offset as usize + at, &self.bounce, at, part_len);
+                    self.replace_part(cx, offset, part, step, same_node)
+                })
+            });
         let mut hash = if cx.verify.hashes() {
             HashCheck::Matched
         } else {
             HashCheck::NotTaken
         };
-        let failure = match self.replace(cx, offset, len, step, same_node) {
-            Ok(true) => None,
-            Ok(false) => {
-                hash = HashCheck::Mismatched;
-                Some("content differs from the saved copy after the copy back".to_string())
-            }
-            Err(e) => Some(format!("{e}: {}", root_cause(&e))),
-        };
+        let failure =
+            match replaced.and_then(|parts| parts.into_iter().collect::<Result<Vec<bool>, _>>()) {
+                Ok(intact) if intact.iter().all(|&ok| ok) => None,
+                Ok(_) => {
+                    hash = HashCheck::Mismatched;
+                    Some("content differs from the saved copy after the copy back".to_string())
+                }
+                Err(e) => Some(format!("{e}: {}", root_cause(&e))),
+            };
         let outcome = match failure {
             None => StepOutcome::Moved,
             Some(reason) => match self.restore(cx, offset, len, original) {
                 Ok(to) => StepOutcome::Restored { reason, to },
                 Err(source) => {
                     // Leave the guest stopped: running it on missing memory would be worse.
-                    self.scratch.release();
-                    self.scratch.drain_soak();
+                    self.scratch.release_all();
                     std::mem::forget(paused);
                     return Err(MigrateError::RestoreFailed {
                         offset: step.guest_offset,
@@ -198,11 +250,8 @@ impl Mechanism for Refault {
             },
         };
         let stop = paused.resume()?;
-        self.scratch.release();
-        self.scratch.drain_soak();
-        if let Some(cpus) = &affinity {
-            let _ = sched::set_affinity(cpus);
-        }
+        self.scratch.release_all();
+        let _ = sched::set_affinity(&affinity);
 
         let mut report = report(step, outcome);
         report.hash = hash;

@@ -56,21 +56,22 @@ impl Scratch {
         self.allocate_on(0, len.min(self.size), node)
     }
 
-    /// Gives the reservation back, so the step's own allocation can take its frames.
-    pub fn release(&self) {
-        let _ = self.gmem.punch(0, self.size);
+    /// Gives back `len` bytes of the reservation from `at`, so an allocation on this CPU
+    /// takes their frames next.
+    pub fn release(&self, at: u64, len: u64) {
+        let _ = self.gmem.punch(at, len);
     }
 
-    /// Allocates `len` bytes on `node` right after a punch: the freed frames are the
-    /// hottest on the free lists, so the soak takes them and holds them while the batch
-    /// allocates. Best effort: a failed soak only weakens the new-frame guarantee.
-    pub fn soak(&self, len: u64, node: NodeId) -> bool {
-        self.allocate_on(self.size, len.min(self.size), node)
-            .is_ok()
+    /// Allocates `len` bytes on `node` in the soak half at `at`, right after a punch: the
+    /// freed frames are the hottest on this CPU's free lists, so the soak takes them and
+    /// holds them while the batch allocates. Best effort: a failed soak only weakens the
+    /// new-frame guarantee.
+    pub fn soak(&self, at: u64, len: u64, node: NodeId) -> bool {
+        self.allocate_on(self.size + at, len, node).is_ok()
     }
 
-    /// Frees the soak.
-    pub fn drain_soak(&self) {
-        let _ = self.gmem.punch(self.size, self.size);
+    /// Frees whatever is still reserved or soaked.
+    pub fn release_all(&self) {
+        let _ = self.gmem.punch(0, 2 * self.size);
     }
 }
