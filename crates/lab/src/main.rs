@@ -1,5 +1,8 @@
 //! gmem-lab: a two-node NUMA lab for guest_memfd migration, in QEMU with nested KVM.
 
+// Unsafe code lives only in gmem::sys; the lab uses its safe wrappers.
+#![forbid(unsafe_code)]
+
 mod apt;
 mod cpio;
 mod deb;

@@ -2,7 +2,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -77,18 +76,15 @@ impl DirLock {
                 source,
             })?;
         loop {
-            // SAFETY: flock only operates on the descriptor, which `file` keeps open for the
-            // duration of the call; it touches no memory of ours.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-            if rc == 0 {
-                return Ok(Self { _file: file });
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(PathsError::Lock {
-                    path: path.to_owned(),
-                    source: err,
-                });
+            match file.lock() {
+                Ok(()) => return Ok(Self { _file: file }),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(PathsError::Lock {
+                        path: path.to_owned(),
+                        source,
+                    });
+                }
             }
         }
     }

@@ -2,7 +2,6 @@
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -124,20 +123,9 @@ impl Machine {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(qemu_err);
-        let die_with_parent = || {
-            // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on the calling process.
-            let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-            if rc == -1 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        };
-        // SAFETY: the hook runs in the child between fork and exec and only calls prctl, which
-        // is async-signal-safe. It makes the kernel SIGKILL QEMU if gmem-lab dies first, so an
-        // interrupted run never leaves a QEMU behind.
-        unsafe {
-            cmd.pre_exec(die_with_parent);
-        }
+        // QEMU dies with gmem-lab (PR_SET_PDEATHSIG), so an interrupted run never leaves a
+        // QEMU behind.
+        gmem::sys::process::kill_with_parent(&mut cmd);
         let start = Instant::now();
         let mut child = cmd.spawn().map_err(|source| QemuError::Spawn {
             qemu: self.qemu.clone(),

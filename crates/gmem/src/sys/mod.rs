@@ -23,5 +23,6 @@ macro_rules! syscall {
 pub mod kvm;
 pub mod mempolicy;
 pub mod mman;
+pub mod process;
 pub mod sched;
 pub mod signal;

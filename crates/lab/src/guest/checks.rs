@@ -1,28 +1,23 @@
 //! The lab tests that run inside the two-node guest.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::ffi::c_void;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use kvm_bindings::kvm_create_guest_memfd;
-use kvm_ioctls::Kvm;
+use gmem::kvm::{DEFAULT_KVM_DEVICE, KvmError};
+use gmem::memory::{GmemFlags, GuestMemfd, MemoryError};
+use gmem::numa::{NodeId, NodeMask};
+use gmem::sys::kvm::{KVM_CAP_GUEST_MEMFD, KVM_CAP_GUEST_MEMFD_FLAGS};
+use gmem::sys::mempolicy::{self, MPOL_BIND, MPOL_MF_MOVE, MPOL_MF_STRICT};
+use gmem::sys::mman::{Mmap, page_size};
 use serde_json::{Value, json};
 use thiserror::Error;
 
 use super::Verdict;
-use super::sys::{self, MPOL_BIND, MPOL_MF_MOVE, MPOL_MF_STRICT, Mapping};
 use crate::report::{ECHO_PREFIX, Status};
 
-/// `GUEST_MEMFD_FLAG_MMAP` (not in kvm-bindings 0.14).
-const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
-/// `GUEST_MEMFD_FLAG_INIT_SHARED` (not in kvm-bindings 0.14).
-const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
-const KVM_CAP_GUEST_MEMFD: u64 = 234;
-const KVM_CAP_GUEST_MEMFD_FLAGS: u64 = 244;
 /// KVM_GET_API_VERSION has returned 12 since Linux 2.6.22.
 const KVM_API_VERSION: i32 = 12;
 
@@ -44,17 +39,10 @@ pub enum GuestError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot open /dev/kvm")]
-    OpenKvm(#[source] kvm_ioctls::Error),
-    #[error("KVM_CREATE_VM failed")]
-    CreateVm(#[source] kvm_ioctls::Error),
-    #[error("KVM_CREATE_GUEST_MEMFD (size {size}, flags {flags:#x}) failed")]
-    CreateGuestMemfd {
-        size: u64,
-        flags: u64,
-        #[source]
-        source: kvm_ioctls::Error,
-    },
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error("guest memory")]
+    Memory(#[from] MemoryError),
     #[error("mmap of {len} bytes ({what}) failed")]
     Mmap {
         what: &'static str,
@@ -140,36 +128,55 @@ fn all_on(values: &[i32], node: i32) -> bool {
     !values.is_empty() && values.iter().all(|&v| v == node)
 }
 
-fn fill(m: &mut Mapping) {
-    let ps = sys::page_size();
-    for (i, page) in m.as_mut_slice().chunks_mut(ps).enumerate() {
-        page.fill((i & 0xff) as u8);
+/// Fills page i of `m` with byte `(i & 0xff)`.
+pub(crate) fn fill(m: &Mmap) {
+    let ps = page_size();
+    for i in 0..m.len() / ps {
+        m.fill(i * ps, ps, (i & 0xff) as u8);
     }
 }
 
-/// Number of pages whose bytes are not all `(i & 0xff)`.
-fn bad_pages(m: &Mapping) -> usize {
-    let ps = sys::page_size();
-    m.as_slice()
-        .chunks(ps)
-        .enumerate()
-        .filter(|(i, page)| page.iter().any(|&b| b != (*i & 0xff) as u8))
+/// Number of pages of `m` whose bytes are not all `(i & 0xff)`.
+pub(crate) fn bad_pages(m: &Mmap) -> usize {
+    let ps = page_size();
+    let mut page = vec![0u8; ps];
+    (0..m.len() / ps)
+        .filter(|&i| {
+            m.read(i * ps, &mut page);
+            page.iter().any(|&b| b != (i & 0xff) as u8)
+        })
         .count()
 }
 
-fn query_nodes(pages: &[*mut c_void], what: &'static str) -> Result<Vec<i32>, GuestError> {
-    sys::page_nodes(pages).map_err(|source| GuestError::MovePages { what, source })
+/// The start address of every page of `m`, as move_pages wants them.
+fn page_addrs(m: &Mmap) -> Vec<usize> {
+    let ps = page_size();
+    (0..m.len() / ps).map(|i| m.addr() + i * ps).collect()
+}
+
+/// Sets an `MPOL_BIND` policy to `node` on the whole mapping, with mbind `flags`.
+pub(crate) fn bind(m: &Mmap, node: u32, flags: u32) -> io::Result<()> {
+    let mask = NodeMask::single(NodeId(node));
+    mempolicy::mbind(m, 0, m.len(), MPOL_BIND, mask.as_raw(), flags)
+}
+
+/// Each page's current node (or negative errno; [`SENTINEL`] where the kernel wrote nothing).
+fn query_nodes(pages: &[usize], what: &'static str) -> Result<Vec<i32>, GuestError> {
+    let mut status = vec![SENTINEL; pages.len()];
+    mempolicy::move_pages(0, pages, None, &mut status, 0)
+        .map_err(|source| GuestError::MovePages { what, source })?;
+    Ok(status)
 }
 
 /// move_pages every page to `node`: (return value or errno, status[] as left by the kernel).
-fn move_all(pages: &[*mut c_void], node: i32) -> (Result<i64, io::Error>, Vec<i32>) {
+fn move_all(pages: &[usize], node: i32) -> (Result<usize, io::Error>, Vec<i32>) {
     let nodes = vec![node; pages.len()];
     let mut status = vec![SENTINEL; pages.len()];
-    let rc = sys::move_pages(pages, Some(&nodes), &mut status, MPOL_MF_MOVE as i32);
+    let rc = mempolicy::move_pages(0, pages, Some(&nodes), &mut status, MPOL_MF_MOVE);
     (rc, status)
 }
 
-fn rc_json(rc: &Result<i64, io::Error>) -> Value {
+fn rc_json(rc: &Result<usize, io::Error>) -> Value {
     match rc {
         Ok(n) => json!(n),
         Err(e) => json!(format!("error: {e}")),
@@ -205,8 +212,8 @@ pub fn nodes() -> Result<Verdict, GuestError> {
     if ids.len() != 2 {
         problems.push(format!("expected 2 online nodes, found `{online}`"));
     }
-    let dev_kvm = Path::new("/dev/kvm").exists();
-    let kvm = match Kvm::new() {
+    let dev_kvm = Path::new(DEFAULT_KVM_DEVICE).exists();
+    let kvm = match gmem::kvm::open(Path::new(DEFAULT_KVM_DEVICE)) {
         Ok(k) => {
             let api = k.get_api_version();
             if api != KVM_API_VERSION {
@@ -214,8 +221,7 @@ pub fn nodes() -> Result<Verdict, GuestError> {
                     "KVM_GET_API_VERSION is {api}, not {KVM_API_VERSION}"
                 ));
             }
-            let vm_flags = k
-                .create_vm()
+            let vm_flags = gmem::kvm::create_vm(&k)
                 .map(|vm| vm.check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS))
                 .ok();
             json!({
@@ -250,16 +256,15 @@ pub fn nodes() -> Result<Verdict, GuestError> {
 
 /// `anon-control`: anonymous pages bound to node 0 move to node 1 and back.
 pub fn anon_control() -> Result<Verdict, GuestError> {
-    let len = PAGES * sys::page_size();
-    let mut m = Mapping::anonymous(len).map_err(|source| GuestError::Mmap {
+    let len = PAGES * page_size();
+    let m = Mmap::anonymous(len).map_err(|source| GuestError::Mmap {
         what: "anonymous",
         len,
         source,
     })?;
-    m.mbind(MPOL_BIND, &[0], 0)
-        .map_err(|source| GuestError::Mbind { node: 0, source })?;
-    fill(&mut m);
-    let pages = m.pages();
+    bind(&m, 0, 0).map_err(|source| GuestError::Mbind { node: 0, source })?;
+    fill(&m);
+    let pages = page_addrs(&m);
     let before = query_nodes(&pages, "query before")?;
     let (rc1, status1) = move_all(&pages, 1);
     let on1 = query_nodes(&pages, "query after move to 1")?;
@@ -302,34 +307,16 @@ pub fn anon_control() -> Result<Verdict, GuestError> {
 /// `gmem-stock`: gmem made without MIGRATABLE must stay put, with its bytes intact; the
 /// detail records exactly how the kernel refused.
 pub fn gmem_stock() -> Result<Verdict, GuestError> {
-    let kvm = Kvm::new().map_err(GuestError::OpenKvm)?;
-    let vm = kvm.create_vm().map_err(GuestError::CreateVm)?;
+    let kvm = gmem::kvm::open(Path::new(DEFAULT_KVM_DEVICE))?;
+    let vm = gmem::kvm::create_vm(&kvm)?;
     let cap_flags = vm.check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS);
-    let len = PAGES * sys::page_size();
-    let size = len as u64;
-    let flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
-    let raw = vm
-        .create_guest_memfd(kvm_create_guest_memfd {
-            size,
-            flags,
-            reserved: [0; 6],
-        })
-        .map_err(|source| GuestError::CreateGuestMemfd {
-            size,
-            flags,
-            source,
-        })?;
-    // SAFETY: KVM_CREATE_GUEST_MEMFD just returned this descriptor and nothing else owns it.
-    let gmem = unsafe { OwnedFd::from_raw_fd(raw) };
-    let mut m = Mapping::shared(gmem.as_fd(), len).map_err(|source| GuestError::Mmap {
-        what: "guest_memfd MAP_SHARED",
-        len,
-        source,
-    })?;
-    m.mbind(MPOL_BIND, &[0], 0)
-        .map_err(|source| GuestError::Mbind { node: 0, source })?;
-    fill(&mut m);
-    let pages = m.pages();
+    let size = (PAGES * page_size()) as u64;
+    let flags = GmemFlags::HOST_MAPPABLE;
+    let gmem = GuestMemfd::create(&vm, size, flags)?;
+    let m = gmem.map()?;
+    bind(&m, 0, 0).map_err(|source| GuestError::Mbind { node: 0, source })?;
+    fill(&m);
+    let pages = page_addrs(&m);
     let before = query_nodes(&pages, "query before")?;
     let maps_before = numa_maps_line(m.addr());
 
@@ -337,7 +324,7 @@ pub fn gmem_stock() -> Result<Verdict, GuestError> {
     let after_move = query_nodes(&pages, "query after move_pages")?;
     let bad_after_move = bad_pages(&m);
 
-    let strict = m.mbind(MPOL_BIND, &[1], MPOL_MF_MOVE | MPOL_MF_STRICT);
+    let strict = bind(&m, 1, MPOL_MF_MOVE | MPOL_MF_STRICT);
     let after_mbind = query_nodes(&pages, "query after mbind(MOVE|STRICT)")?;
     let bad_after_mbind = bad_pages(&m);
     let maps_after = numa_maps_line(m.addr());
@@ -374,7 +361,7 @@ pub fn gmem_stock() -> Result<Verdict, GuestError> {
         },
         detail: json!({
             "pages": PAGES,
-            "gmem_flags": flags,
+            "gmem_flags": flags.to_string(),
             "cap_guest_memfd_flags": cap_flags,
             "nodes_before": histogram(&before),
             "move_pages": rc_json(&rc),
@@ -575,10 +562,10 @@ mod tests {
     #[test]
     fn moves_anonymous_memory_on_this_host() {
         // Single-node hosts: moving to node 0 must succeed and leave the bytes alone.
-        let len = 8 * sys::page_size();
-        let mut m = Mapping::anonymous(len).unwrap();
-        fill(&mut m);
-        let pages = m.pages();
+        let len = 8 * page_size();
+        let m = Mmap::anonymous(len).unwrap();
+        fill(&m);
+        let pages = page_addrs(&m);
         let (rc, status) = move_all(&pages, 0);
         assert_eq!(rc.unwrap(), 0);
         assert!(all_on(&status, 0), "{status:?}");

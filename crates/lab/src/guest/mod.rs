@@ -1,7 +1,6 @@
 //! The in-guest agent: `gmem-lab guest <test>` runs one lab test and prints its result line.
 
 mod checks;
-mod sys;
 
 use std::io::Write;
 use std::panic::{self, AssertUnwindSafe};
