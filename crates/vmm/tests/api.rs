@@ -480,6 +480,25 @@ fn a_second_migration_while_one_runs_is_refused_with_409() {
                     sentence.contains(&format!("migration {first} is still running")),
                     "{sentence}"
                 );
+                // Placement queries wait for the migration (more of them than there are
+                // handler threads); polling the job is answered meanwhile all the same.
+                let waiting: Vec<_> = (0..6)
+                    .map(|_| {
+                        let client = s.client.clone();
+                        std::thread::spawn(move || client.get("/memory/placement").unwrap())
+                    })
+                    .collect();
+                std::thread::sleep(Duration::from_millis(50));
+                let job = s.get_json(&format!("/memory/migrations/{first}"));
+                println!(
+                    "while placement queries wait, job {first} is {}",
+                    job["state"]
+                );
+                assert_eq!(s.get_json("/vm")["state"], "Running");
+                for query in waiting {
+                    let reply = query.join().unwrap();
+                    assert_eq!(reply.status, 200, "{}", text(&reply));
+                }
                 assert_succeeded(&s.wait_for_job(first));
                 refused = true;
                 break;

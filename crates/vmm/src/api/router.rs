@@ -54,8 +54,23 @@ impl Api {
         &self.vm
     }
 
-    /// Executes one request. May block (placement queries, planning a migration): call it
-    /// off any async executor.
+    /// Whether executing `request` only takes short locks, so it may run on the event loop
+    /// itself. The others can block (a pause waits for every vCPU, a placement query waits
+    /// for a running migration, planning reads every page's node) and go to a thread; this
+    /// keeps polling a job answered while they wait.
+    pub fn is_quick(request: &ApiRequest) -> bool {
+        match request {
+            ApiRequest::GetVm
+            | ApiRequest::GetVmState
+            | ApiRequest::ListMigrations
+            | ApiRequest::GetMigration(_)
+            | ApiRequest::GetMetrics => true,
+            ApiRequest::SetVmState(_) | ApiRequest::GetPlacement | ApiRequest::Migrate(_) => false,
+        }
+    }
+
+    /// Executes one request. May block unless [`is_quick`](Api::is_quick) says otherwise:
+    /// call it off any async executor.
     pub fn handle(&self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
         match request {
             ApiRequest::GetVm => Ok(ApiResponse::ok(self.vm_info())),

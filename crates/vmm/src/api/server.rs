@@ -270,6 +270,7 @@ async fn respond(
         Err(e) => return Ok(error_response(&ApiError::ReadBody(e.to_string()), true)),
     };
     let result = match parse_request(&method, &path, &body) {
+        Ok(parsed) if Api::is_quick(&parsed) => api.handle(parsed),
         Ok(parsed) => tokio::task::spawn_blocking(move || api.handle(parsed))
             .await
             .unwrap_or_else(|e| Err(ApiError::HandlerPanicked(e.to_string()))),
