@@ -53,6 +53,9 @@ pub enum CliError {
     /// A check the command exists to make did not hold (lost data, a failed selftest).
     #[error("{0}")]
     CheckFailed(String),
+    /// `gmemctl demo` failed or lost bytes.
+    #[error(transparent)]
+    Demo(#[from] crate::cmd::demo::DemoError),
     /// The VM could not be started or stopped.
     #[error(transparent)]
     Vm(#[from] vmm::VmError),
@@ -102,6 +105,7 @@ impl CliError {
         let user = match self {
             CliError::Kvm(e) | CliError::Probe(ProbeError::Kvm(e)) => e.is_user_error(),
             CliError::Memory(e) => e.is_user_error(),
+            CliError::Demo(e) => e.is_user_error(),
             CliError::Migrate(e) => e.is_user_error(),
             CliError::InvalidArgument(_) => true,
             CliError::Vm(e) => vm_user_error(e),

@@ -38,6 +38,10 @@ enum Command {
     /// Ask a running VM (`gmemctl run`) to move its memory; follow the job and print the
     /// verified result. Exit 1 if the migration was incomplete or did not verify.
     Migrate(cmd::migrate::Args),
+    /// Boot the built-in guest and move all its memory to another node and back while it
+    /// writes and verifies it (on one node: relocate it within the node, proven by PFNs);
+    /// report stops, throughput and mismatches, and draw a placement map.
+    Demo(cmd::demo::Args),
     /// The seed's kernel selftest, for every mechanism: bind a gmem to node 0, fill page i
     /// with (i & 0xff), move it to node 1 and back, checking node and every byte each time.
     /// On one node, each move is a relocation proven by changed PFNs.
@@ -53,6 +57,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Status(args) => cmd::status::run(args),
         Command::Run(args) => cmd::run::run(&cli.kvm_device, args),
         Command::Migrate(args) => cmd::migrate::run(args),
+        Command::Demo(args) => cmd::demo::run(&cli.kvm_device, args),
         Command::Selftest(args) => cmd::selftest::run(&cli.kvm_device, args),
         Command::Bench(args) => cmd::bench::run(&cli.kvm_device, args),
     }
