@@ -143,9 +143,11 @@ fn moves_table(r: &DemoReport) -> String {
     ]);
     let mut out = t.render();
     out.push_str(
-        "  stop: per step, as the engine timed it, from its pause request until its resume \
-         call returned\n  GB/s: bytes moved per second of the move's wall time; guest rate: \
-         bytes the guest verified per second during the move, as a share of its rate before\n",
+        "  PFNs changed: pages whose page frame differs after their step, of the pages the \
+         engine compared (remap compares whole chunks)\n  stop: per step, as the engine timed \
+         it, from its pause request until its resume call returned\n  GB/s: bytes moved per \
+         second of the move's wall time; guest rate: bytes the guest verified per second during \
+         the move, as a share of its rate before\n",
     );
     out
 }
