@@ -106,6 +106,18 @@ pub enum MemoryError {
         /// The nodes that exist, in list syntax.
         online: String,
     },
+    /// The node cannot supply an allocation without waking the OOM killer.
+    #[error(
+        "node {node} has {available_kib} KiB available above its high watermark, less than the {need_kib} KiB asked for: a node-bound allocation of that size would wake the OOM killer"
+    )]
+    NodeFull {
+        /// The node.
+        node: NodeId,
+        /// KiB asked for.
+        need_kib: u64,
+        /// KiB the node can supply (its MemAvailable estimate).
+        available_kib: u64,
+    },
     /// The host topology could not be read.
     #[error(transparent)]
     Topology(#[from] crate::numa::topology::TopologyError),

@@ -95,8 +95,9 @@ impl GuestMemfd {
     }
 
     /// Allocates (and zeroes) the range's folios under the range's NUMA policy, without
-    /// mapping them (`fallocate(KEEP_SIZE)`). A full node fails here with ENOMEM/ENOSPC,
-    /// not later with SIGBUS.
+    /// mapping them (`fallocate(KEEP_SIZE)`). A memory cgroup at its limit fails here with
+    /// ENOMEM, not later with SIGBUS; a full node under a bind policy runs the OOM killer
+    /// instead, so check it first with [`super::ensure_room`].
     pub fn allocate(&self, offset: u64, len: u64) -> Result<(), MemoryError> {
         check_range(offset, len, self.size)?;
         mman::fallocate(self.fd.as_fd(), FALLOC_FL_KEEP_SIZE, offset, len).map_err(|source| {

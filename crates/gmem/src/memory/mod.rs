@@ -14,9 +14,27 @@ pub use guest_memory::{ChunkLayout, GuestMemory};
 pub use placement::{PageLocation, Placement, PlacementRange};
 pub use policy::Policy;
 
+use crate::numa::{NodeId, NodeRoom};
+
 /// Host page size in bytes.
 pub fn page_size() -> u64 {
     crate::sys::mman::page_size() as u64
+}
+
+/// Fails with [`MemoryError::NodeFull`] unless `node` can supply `bytes` more while staying
+/// above its high watermark. Call it before allocating on a chosen node: a node-bound
+/// allocation the node cannot satisfy does not fail, it runs the OOM killer (see
+/// [`crate::numa::room`]). Best effort: other allocations may race with the one checked.
+pub fn ensure_room(node: NodeId, bytes: u64) -> Result<(), MemoryError> {
+    let available = NodeRoom::read(node)?.available();
+    if available < bytes {
+        return Err(MemoryError::NodeFull {
+            node,
+            need_kib: bytes >> 10,
+            available_kib: available >> 10,
+        });
+    }
+    Ok(())
 }
 
 /// Checks that `offset..offset+len` is non-empty, page-aligned and inside `size` bytes.

@@ -38,11 +38,13 @@ impl Remap {
                 root_cause(&e)
             )
         };
+        // A node-bound allocation the node cannot supply runs the OOM killer, not ENOMEM.
+        crate::memory::ensure_room(step.target, len).map_err(fail)?;
         memory
             .set_policy_unchecked(spare, len, &Policy::Bind(NodeMask::single(step.target)))
             .map_err(fail)?;
         // One pass allocates under the policy and maps, so the copy takes no faults inside
-        // the stop. A node that cannot supply the pages fails here with ENOMEM.
+        // the stop. A memory cgroup that cannot supply the pages fails here with ENOMEM.
         memory.populate(spare, len).map_err(fail)?;
         let pfns = verify::pfns(cx.pagemap, cx.map, spare, len / page_size());
         let placed = cx
@@ -269,11 +271,15 @@ pub(crate) fn remap_confidential(
     };
     // Without a mapping there is no mbind: allocate under this thread's policy instead.
     let target = NodeMask::single(step.target);
-    let allocated = mempolicy::set_mempolicy(MPOL_BIND, target.as_raw())
-        .map_err(|source| MemoryError::Mbind {
-            offset: spare,
-            len: chunk_size,
-            source,
+    let allocated = crate::memory::ensure_room(step.target, chunk_size)
+        .and_then(|()| {
+            mempolicy::set_mempolicy(MPOL_BIND, target.as_raw()).map_err(|source| {
+                MemoryError::Mbind {
+                    offset: spare,
+                    len: chunk_size,
+                    source,
+                }
+            })
         })
         .and_then(|()| memory.gmem().allocate(spare, chunk_size));
     let _ = mempolicy::set_mempolicy(MPOL_DEFAULT, NodeMask::new().as_raw());

@@ -52,8 +52,12 @@ impl Scratch {
     }
 
     /// Takes `len` bytes on `node`, proving the node (and the memory cgroup) can supply them.
+    /// A node without room for them is refused before anything is allocated: there the
+    /// allocation would run the OOM killer rather than fail.
     pub fn reserve(&self, len: u64, node: NodeId) -> Result<(), MemoryError> {
-        self.allocate_on(0, len.min(self.size), node)
+        let len = len.min(self.size);
+        crate::memory::ensure_room(node, len)?;
+        self.allocate_on(0, len, node)
     }
 
     /// Gives back `len` bytes of the reservation from `at`, so an allocation on this CPU

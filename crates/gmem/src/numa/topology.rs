@@ -119,7 +119,7 @@ impl Topology {
 }
 
 /// Reads "Node 0 MemTotal:   24576000 kB" style lines; returns KiB.
-fn meminfo_kib(meminfo: &str, field: &str) -> Option<u64> {
+pub(super) fn meminfo_kib(meminfo: &str, field: &str) -> Option<u64> {
     meminfo.lines().find_map(|line| {
         let mut words = line.split_whitespace();
         let (_node, _id, name, value) =
