@@ -92,6 +92,17 @@ enum Cmd {
         /// A built-in test name, or exec:<command>
         test: String,
     },
+    /// Fill a NUMA node with anonymous memory and hold it until stdin closes (used by the
+    /// full-node test)
+    #[command(hide = true)]
+    Hog {
+        /// The node to fill
+        #[arg(long)]
+        node: u32,
+        /// Stop once the node's MemFree is down to its min watermark plus this many KiB
+        #[arg(long, value_name = "KIB")]
+        headroom_kib: u64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -271,14 +282,15 @@ fn main() -> ExitCode {
         },
         Cmd::Tests => {
             for t in guest::BUILTIN {
-                println!("{:<14} {}", t.name, t.about);
+                println!("{:<17} {}", t.name, t.about);
             }
             println!(
-                "{:<14} run a command in the guest: exit 0 pass, 4 skip (kselftest), else fail",
+                "{:<17} run a command in the guest: exit 0 pass, 4 skip (kselftest), else fail",
                 format!("{}CMD", guest::EXEC_PREFIX)
             );
             ExitCode::SUCCESS
         }
         Cmd::Guest { test } => guest::run(&test),
+        Cmd::Hog { node, headroom_kib } => guest::hog(node, headroom_kib),
     }
 }

@@ -26,7 +26,6 @@ const PAGES: usize = 256;
 /// Pre-filled into move_pages' status[] so an entry the kernel never wrote is visible.
 const SENTINEL: i32 = i32::MIN;
 const NODE_SYSFS: &str = "/sys/devices/system/node";
-const GMEMCTL: &str = "/bin/gmemctl";
 
 /// Errors that stop an in-guest test before it can reach a verdict.
 #[derive(Debug, Error)]
@@ -62,6 +61,14 @@ pub enum GuestError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot read the output of `{command}`")]
+    Output {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the node-filling hog: {0}")]
+    Hog(String),
     #[error("cannot run `{command}`")]
     Spawn {
         command: String,
@@ -382,84 +389,6 @@ pub fn gmem_stock() -> Result<Verdict, GuestError> {
     })
 }
 
-/// The node count in a probe report: the first of `numa_nodes`, `nodes`, `node_count`,
-/// `online_nodes` found at the top level or one object down (an array counts its entries).
-pub fn probe_node_count(v: &Value) -> Option<u64> {
-    const KEYS: &[&str] = &["numa_nodes", "nodes", "node_count", "online_nodes"];
-    let count = |x: &Value| match x {
-        Value::Array(a) => Some(a.len() as u64),
-        Value::Number(n) => n.as_u64(),
-        _ => None,
-    };
-    let obj = v.as_object()?;
-    KEYS.iter()
-        .find_map(|k| obj.get(*k).and_then(count))
-        .or_else(|| {
-            obj.values()
-                .filter_map(Value::as_object)
-                .find_map(|o| KEYS.iter().find_map(|k| o.get(*k).and_then(count)))
-        })
-}
-
-/// `gmemctl-probe`: gmemctl's own view of the machine must show two nodes.
-pub fn gmemctl_probe() -> Result<Verdict, GuestError> {
-    let skip = |reason: String, extra: Value| Verdict {
-        status: Status::Skip,
-        detail: json!({ "reason": reason, "output": extra }),
-    };
-    if !Path::new(GMEMCTL).exists() {
-        return Ok(skip(
-            format!("{GMEMCTL} is not in the initramfs (gmem-lab run --gmemctl PATH)"),
-            Value::Null,
-        ));
-    }
-    let command = format!("{GMEMCTL} probe --json");
-    let out = Command::new(GMEMCTL)
-        .args(["probe", "--json"])
-        .output()
-        .map_err(|source| GuestError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    if !out.status.success() {
-        let missing = ["unrecognized subcommand", "unexpected argument", "unknown"]
-            .iter()
-            .any(|p| stderr.contains(p));
-        if missing {
-            return Ok(skip(
-                "this gmemctl has no `probe --json`".to_owned(),
-                json!({ "stderr": stderr }),
-            ));
-        }
-        return Ok(Verdict {
-            status: Status::Fail,
-            detail: json!({ "command": command, "exit": out.status.code(),
-                            "stdout": stdout, "stderr": stderr }),
-        });
-    }
-    let report: Value = match serde_json::from_str(&stdout) {
-        Ok(v) => v,
-        Err(e) => {
-            return Ok(Verdict {
-                status: Status::Fail,
-                detail: json!({ "error": format!("output is not JSON: {e}"), "stdout": stdout }),
-            });
-        }
-    };
-    let count = probe_node_count(&report);
-    let status = if count == Some(2) {
-        Status::Pass
-    } else {
-        Status::Fail
-    };
-    Ok(Verdict {
-        status,
-        detail: json!({ "node_count": count, "probe": report }),
-    })
-}
-
 /// Lines of output an `exec:` test keeps in its detail.
 const EXEC_TAIL: usize = 40;
 
@@ -539,24 +468,6 @@ mod tests {
         assert_eq!(h["unwritten"], 1);
         assert_eq!(h["-ENOENT"], 1);
         assert_eq!(h["0"], 1);
-    }
-
-    #[test]
-    fn finds_probe_node_counts() {
-        assert_eq!(
-            probe_node_count(&json!({"nodes": [{"id":0},{"id":1}]})),
-            Some(2)
-        );
-        assert_eq!(
-            probe_node_count(&json!({"numa": {"node_count": 2}})),
-            Some(2)
-        );
-        assert_eq!(
-            probe_node_count(&json!({"numa_nodes": 1, "nodes": [0, 1]})),
-            Some(1)
-        );
-        assert_eq!(probe_node_count(&json!({"kvm": true})), None);
-        assert_eq!(probe_node_count(&json!([1, 2])), None);
     }
 
     #[test]

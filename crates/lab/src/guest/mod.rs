@@ -1,6 +1,8 @@
 //! The in-guest agent: `gmem-lab guest <test>` runs one lab test and prints its result line.
 
 mod checks;
+mod full_node;
+mod gmemctl;
 
 use std::io::Write;
 use std::panic::{self, AssertUnwindSafe};
@@ -12,6 +14,7 @@ use serde_json::json;
 use crate::report::{Status, TestResult, error_chain};
 
 pub use checks::GuestError;
+pub use full_node::hog;
 
 /// A built-in lab test.
 #[derive(Debug, Clone, Copy)]
@@ -39,7 +42,20 @@ pub const BUILTIN: &[TestInfo] = &[
     },
     TestInfo {
         name: "gmemctl-probe",
-        about: "`/bin/gmemctl probe --json` sees 2 NUMA nodes (skips, loudly, without gmemctl)",
+        about: "`/bin/gmemctl probe --json` sees 2 NUMA nodes, and native migration `no` with \
+                pages left unmoved (`yes` if the kernel advertises MIGRATABLE)",
+    },
+    TestInfo {
+        name: "gmemctl-selftest",
+        about: "`/bin/gmemctl selftest --json --size 16M`: remap and refault PASS 0 -> 1 -> 0 \
+                (every page on target by move_pages and numa_maps, bytes intact); native SKIPs \
+                because the kernel refused (PASS if it advertises MIGRATABLE)",
+    },
+    TestInfo {
+        name: "full-node",
+        about: "a hog fills node 1 below what a 32 MiB migration needs; remap and refault to \
+                node 1 stop partway with a refusal for lack of memory, every byte intact, no \
+                OOM kill",
     },
 ];
 
@@ -72,7 +88,9 @@ fn dispatch(name: &str) -> Result<Verdict, GuestError> {
         "nodes" => checks::nodes(),
         "anon-control" => checks::anon_control(),
         "gmem-stock" => checks::gmem_stock(),
-        "gmemctl-probe" => checks::gmemctl_probe(),
+        "gmemctl-probe" => gmemctl::gmemctl_probe(),
+        "gmemctl-selftest" => gmemctl::gmemctl_selftest(),
+        "full-node" => full_node::full_node(),
         _ => match name.strip_prefix(EXEC_PREFIX) {
             Some(cmd) if !cmd.trim().is_empty() => checks::exec(cmd),
             _ => Err(GuestError::UnknownTest(name.to_owned())),
