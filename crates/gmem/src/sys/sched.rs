@@ -39,3 +39,13 @@ pub fn affinity() -> io::Result<Vec<usize>> {
         .filter(|&cpu| mask[cpu / 64] & (1 << (cpu % 64)) != 0)
         .collect())
 }
+
+/// Sets the calling thread's nice value (`setpriority(PRIO_PROCESS, gettid(), nice)`):
+/// on Linux niceness is per thread, so background work can yield to vCPU threads.
+pub fn set_current_thread_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: gettid has no arguments and no memory effects.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: plain integer arguments.
+    syscall!(setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice))?;
+    Ok(())
+}

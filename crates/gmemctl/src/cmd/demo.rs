@@ -19,6 +19,7 @@ use vmm::{Vm, VmConfig};
 
 pub use error::DemoError;
 
+use super::bench::parse_verify;
 use crate::error::CliError;
 use crate::units::{parse_duration, parse_size};
 use guest_rate::{GuestRate, RateMeter};
@@ -55,6 +56,11 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     rounds: u32,
+    /// Checks per step: full (placement, PFNs and content hashes; hashing stops the guest,
+    /// even for native), placement (placement and PFNs: native never stops the guest), or
+    /// off. The guest checks every byte it wrote either way.
+    #[arg(long, value_name = "LEVEL", default_value = "full", value_parser = parse_verify)]
+    verify: Verify,
     /// Where to write the placement map (SVG).
     #[arg(
         long,
@@ -62,6 +68,10 @@ pub struct Args {
         default_value = "gmemctl-demo-placement.svg"
     )]
     svg: PathBuf,
+    /// Largest share of time the guest may spend stopped while memory moves (0 < share
+    /// <= 1): the engine waits between steps to keep to it. "none" moves flat out.
+    #[arg(long, value_name = "SHARE", default_value = "0.1", value_parser = parse_share)]
+    max_stop_share: StopShare,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -191,13 +201,30 @@ fn check_mechanism(
     Ok(())
 }
 
+/// `--max-stop-share`: a share in (0, 1], or none.
+#[derive(Debug, Clone, Copy)]
+struct StopShare(Option<f64>);
+
+fn parse_share(text: &str) -> Result<StopShare, String> {
+    if text == "none" {
+        return Ok(StopShare(None));
+    }
+    match text.parse::<f64>() {
+        Ok(share) if share > 0.0 && share <= 1.0 => Ok(StopShare(Some(share))),
+        _ => Err(format!(
+            "'{text}' is not a share in (0, 1] (e.g. 0.1), nor 'none'"
+        )),
+    }
+}
+
 fn request(args: &Args, step: &Move) -> MigrationRequest {
     MigrationRequest {
         policy: step.policy(),
         mechanism: args.mechanism,
         max_stop: args.max_stop,
-        verify: Verify::Full,
+        verify: args.verify,
         relocate_in_place: step.in_place,
+        max_stop_share: args.max_stop_share.0,
         inject: None,
     }
 }

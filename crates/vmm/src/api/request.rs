@@ -23,7 +23,7 @@ const ECHO_LIMIT: usize = 80;
 const DETAIL_LIMIT: usize = 300;
 
 /// A parsed, validated request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ApiRequest {
     /// `GET /vm`.
     GetVm,
