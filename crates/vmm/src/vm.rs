@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use gmem::memory::{ChunkLayout, GmemFlags, GuestMemory};
+use gmem::memory::{ChunkLayout, GmemFlags, GuestMemfd, GuestMemory};
 use gmem::sys::signal;
 use kvm_bindings::{
     KVM_CAP_DISABLE_QUIRKS2, KVM_MAX_CPUID_ENTRIES, KVM_X86_QUIRK_SLOT_ZAP_ALL, kvm_enable_cap,
@@ -43,7 +43,10 @@ impl Vm {
         let slot_zap_all_disabled = disable_slot_zap_all(&vm_fd)?;
 
         let layout = ChunkLayout::chunked(config.mem_size, config.chunk_size, config.spare_chunks);
-        let memory = GuestMemory::create(Arc::clone(&vm_fd), layout, GmemFlags::HOST_MAPPABLE)
+        // MIGRATABLE too where the kernel offers it, so the kernel's own migration (native)
+        // can move the guest's memory; GuestMemory::create explains a non-mappable kernel.
+        let flags = GuestMemfd::host_mappable_flags(&vm_fd).unwrap_or(GmemFlags::HOST_MAPPABLE);
+        let memory = GuestMemory::create(Arc::clone(&vm_fd), layout, flags)
             .map_err(VmError::CreateMemory)?;
         memory.bind_to_vm().map_err(VmError::BindMemory)?;
         let memory = Arc::new(memory);

@@ -43,7 +43,7 @@ pub struct Args {
     json: bool,
 }
 
-fn parse_verify(text: &str) -> Result<Verify, String> {
+pub(crate) fn parse_verify(text: &str) -> Result<Verify, String> {
     match text {
         "full" => Ok(Verify::Full),
         "placement" => Ok(Verify::Placement),
