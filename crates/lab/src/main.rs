@@ -132,7 +132,7 @@ struct RunArgs {
     #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
     /// Kill QEMU if the guest has not finished after this many seconds
-    #[arg(long, value_name = "SECS", default_value_t = 180)]
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
     timeout: u64,
     /// Memory of each of the two NUMA nodes, in MiB
     #[arg(long, value_name = "MIB", default_value_t = 1024)]

@@ -3,6 +3,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use gmem::numa::{NodeId, NodeMask};
+use gmem::sys::mempolicy::{self, MPOL_DEFAULT, MPOL_PREFERRED};
 use serde_json::{Value, json};
 
 use super::Verdict;
@@ -28,6 +30,15 @@ struct Output {
 /// instead: a loud skip without gmemctl or without the subcommand, a failure for output that
 /// is not JSON.
 fn run_gmemctl(args: &[&str]) -> Result<Result<Output, Verdict>, GuestError> {
+    run_gmemctl_preferring(args, None)
+}
+
+/// [`run_gmemctl`], with the child's memory preferring `node` where no other policy applies
+/// (like `numactl --preferred`): the task policy is inherited across fork and exec.
+fn run_gmemctl_preferring(
+    args: &[&str],
+    node: Option<u32>,
+) -> Result<Result<Output, Verdict>, GuestError> {
     let skip = |reason: String, extra: Value| Verdict {
         status: Status::Skip,
         detail: json!({ "reason": reason, "output": extra }),
@@ -39,13 +50,19 @@ fn run_gmemctl(args: &[&str]) -> Result<Result<Output, Verdict>, GuestError> {
         )));
     }
     let command = format!("{GMEMCTL} {}", args.join(" "));
-    let out = Command::new(GMEMCTL)
-        .args(args)
-        .output()
-        .map_err(|source| GuestError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
+    let spawn_err = |source| GuestError::Spawn {
+        command: command.clone(),
+        source,
+    };
+    if let Some(node) = node {
+        let mask = NodeMask::single(NodeId(node));
+        mempolicy::set_mempolicy(MPOL_PREFERRED, mask.as_raw()).map_err(spawn_err)?;
+    }
+    let out = Command::new(GMEMCTL).args(args).output();
+    if node.is_some() {
+        mempolicy::set_mempolicy(MPOL_DEFAULT, NodeMask::new().as_raw()).map_err(spawn_err)?;
+    }
+    let out = out.map_err(spawn_err)?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let missing = ["unrecognized subcommand", "unexpected argument"]
@@ -330,6 +347,185 @@ pub fn gmemctl_selftest() -> Result<Verdict, GuestError> {
     Ok(verdict(&problems, detail))
 }
 
+/// The content-check counts of a migration report or the demo's totals: `content_checks` and
+/// `content_mismatches`, or `hash_checks` and `hash_mismatches` as reports named them before.
+fn content_counts(v: &Value) -> (Option<u64>, Option<u64>) {
+    let first = |names: [&str; 2]| names.iter().find_map(|n| v[*n].as_u64());
+    (
+        first(["content_checks", "hash_checks"]),
+        first(["content_mismatches", "hash_mismatches"]),
+    )
+}
+
+/// The moves a demo report must show, as (to, in_place).
+const DEMO_ROUTE: [(u64, bool); 2] = [(AWAY, false), (HOME, false)];
+
+/// What is wrong with `gmemctl demo --json` on the lab's two nodes: all guest memory must
+/// move 0 -> 1 -> 0, each move complete and verified (every page on the target afterwards,
+/// no host-side hash mismatch), and the running guest must read back every word it wrote.
+pub fn demo_problems(report: &Value) -> Vec<String> {
+    let mut problems = Vec::new();
+    if report["scope"] != "cross_node" || report["home_node"].as_u64() != Some(HOME) {
+        problems.push(format!(
+            "the demo ran {} from node {}, not across nodes from node {HOME}",
+            report["scope"], report["home_node"]
+        ));
+    }
+    let pages = report["guest"]["pages"].as_u64().unwrap_or(0);
+    if pages == 0 {
+        problems.push("the report has no guest page count".into());
+    }
+    let moves = report["moves"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let route: Vec<(Option<u64>, Option<bool>)> = moves
+        .iter()
+        .map(|m| (m["to"].as_u64(), m["in_place"].as_bool()))
+        .collect();
+    let want: Vec<(Option<u64>, Option<bool>)> = DEMO_ROUTE
+        .iter()
+        .map(|&(to, p)| (Some(to), Some(p)))
+        .collect();
+    if route != want {
+        problems.push(format!(
+            "expected moves to node {AWAY} and back to node {HOME}, got {route:?}"
+        ));
+    }
+    for m in moves {
+        let r = &m["migration"];
+        let what = format!("move {} (to node {})", m["number"], m["to"]);
+        if r["complete"] != Value::Bool(true) {
+            problems.push(format!("{what} is not complete"));
+        }
+        if r["pages_planned"].as_u64() != Some(pages) || r["pages_moved"].as_u64() != Some(pages) {
+            problems.push(format!(
+                "{what} moved {} of {} planned pages; the guest has {pages}",
+                r["pages_moved"], r["pages_planned"]
+            ));
+        }
+        let (checks, mismatches) = content_counts(r);
+        if mismatches != Some(0) || checks.unwrap_or(0) == 0 {
+            problems.push(format!(
+                "{what}: content checked {checks:?} times, {mismatches:?} mismatches"
+            ));
+        }
+        let to = m["to"].to_string();
+        let after = r["after"].as_object();
+        let on_target = after.and_then(|a| a.get(&to)).and_then(Value::as_u64);
+        if on_target != Some(pages) || after.is_none_or(|a| a.len() != 1) {
+            problems.push(format!(
+                "{what}: pages per node afterwards are {}, not all {pages} on node {to}",
+                r["after"]
+            ));
+        }
+    }
+    let check = &report["guest_check"];
+    if check["mismatches"].as_u64() != Some(0) {
+        problems.push(format!(
+            "the guest read back {} wrong words",
+            check["mismatches"]
+        ));
+    }
+    if check["vcpu_failures"]
+        .as_array()
+        .is_none_or(|f| !f.is_empty())
+    {
+        problems.push(format!("vCPUs failed: {}", check["vcpu_failures"]));
+    }
+    let (_, total_mismatches) = content_counts(&report["totals"]);
+    if total_mismatches != Some(0) || report["totals"]["complete"] != Value::Bool(true) {
+        problems.push(format!(
+            "totals: complete {}, content mismatches {total_mismatches:?}",
+            report["totals"]["complete"]
+        ));
+    }
+    if report["verdict"]["ok"] != Value::Bool(true) {
+        problems.push(format!(
+            "the demo's own verdict: {}",
+            report["verdict"]["problems"]
+        ));
+    }
+    problems
+}
+
+/// One line per move of a demo report, for the detail.
+fn summarize_demo_moves(report: &Value) -> Vec<String> {
+    let moves = report["moves"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    moves
+        .iter()
+        .map(|m| {
+            let r = &m["migration"];
+            let (checks, mismatches) = content_counts(r);
+            format!(
+                "move {} to node {} ({}): {}/{} pages, complete {}, pages after {}, content \
+                 checked {} times / {} mismatches, PFNs changed {}/{}, stops {} (p99 {} us, max \
+                 {} us, total {} us), {:.3} GB/s over {} us",
+                m["number"],
+                m["to"],
+                r["mechanism"].as_str().unwrap_or("?"),
+                r["pages_moved"],
+                r["pages_planned"],
+                r["complete"],
+                r["after"],
+                checks.map_or("?".into(), |c| c.to_string()),
+                mismatches.map_or("?".into(), |c| c.to_string()),
+                r["pfns_changed"],
+                r["pfns_checked"],
+                r["stops"]["count"],
+                r["stops"]["p99_us"],
+                r["stops"]["max_us"],
+                r["stops"]["total_us"],
+                r["throughput_gbps"].as_f64().unwrap_or(0.0),
+                r["elapsed_us"],
+            )
+        })
+        .collect()
+}
+
+/// `gmemctl-demo`: gmemctl's demo VM runs its memory-checking guest on nested KVM while all
+/// its memory moves to node 1 and back. Its memory starts on node 0: gmemctl runs with a
+/// preferred-node-0 task policy, as `numactl --preferred=0` would run it.
+pub fn gmemctl_demo() -> Result<Verdict, GuestError> {
+    let args = ["demo", "--json", "--mem", "64M", "--svg", "/tmp/demo.svg"];
+    let out = match run_gmemctl_preferring(&args, Some(HOME as u32))? {
+        Ok(out) => out,
+        Err(verdict) => return Ok(verdict),
+    };
+    let mut problems = demo_problems(&out.json);
+    if out.exit != Some(0) {
+        problems.push(format!(
+            "gmemctl exited with {:?}: {}",
+            out.exit,
+            tail(out.stderr.trim(), 500)
+        ));
+    }
+    let j = &out.json;
+    let detail = json!({
+        "command": out.command,
+        "scope": j["scope"],
+        "home_node": j["home_node"],
+        "guest": { "mem_bytes": j["guest"]["mem_bytes"], "pages": j["guest"]["pages"],
+                   "vcpus": j["guest"]["vcpus"], "chunks": j["guest"]["chunks"] },
+        "moves": summarize_demo_moves(j),
+        "guest_check": {
+            "mismatches": j["guest_check"]["mismatches"],
+            "sweeps": j["guest_check"]["sweeps"],
+            "bytes_verified": j["guest_check"]["bytes_verified"],
+            "sweeps_after_last_move": j["guest_check"]["sweeps_after_last_move"],
+            "vcpu_failures": j["guest_check"]["vcpu_failures"],
+        },
+        "guest_progress_share_during_moves": j["guest_progress"]["share_during"],
+        "totals": j["totals"],
+        "verdict": j["verdict"],
+        "problems": problems,
+    });
+    Ok(verdict(&problems, detail))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,5 +640,63 @@ mod tests {
         let mut one_node = selftest(refused, &stock);
         one_node["away"] = json!(0);
         assert!(!selftest_problems(&one_node).is_empty());
+    }
+
+    fn demo(pages: u64) -> Value {
+        let hop = |number, to| {
+            let mut after = serde_json::Map::new();
+            after.insert(format!("{to}"), json!(pages));
+            json!({"number": number, "to": to, "in_place": false, "migration": {
+                "mechanism": "remap", "complete": true, "pages_planned": pages,
+                "pages_moved": pages, "content_checks": 32, "content_mismatches": 0,
+                "after": after, "stops": {"count": 32, "p99_us": 900, "max_us": 1200},
+            }})
+        };
+        json!({
+            "scope": "cross_node", "home_node": 0,
+            "guest": {"pages": pages},
+            "moves": [hop(1, 1), hop(2, 0)],
+            "guest_check": {"mismatches": 0, "vcpu_failures": []},
+            "totals": {"complete": true, "hash_mismatches": 0},
+            "verdict": {"ok": true, "problems": []},
+        })
+    }
+
+    #[test]
+    fn demo_must_move_everything_there_and_back_without_a_mismatch() {
+        assert!(demo_problems(&demo(16384)).is_empty());
+
+        let mut same_node = demo(16384);
+        same_node["scope"] = json!("same_node_relocation");
+        assert_eq!(demo_problems(&same_node).len(), 1);
+
+        let mut mismatch = demo(16384);
+        mismatch["guest_check"]["mismatches"] = json!(3);
+        assert_eq!(demo_problems(&mismatch).len(), 1);
+
+        let mut partial = demo(16384);
+        partial["moves"][0]["migration"]["pages_moved"] = json!(100);
+        partial["moves"][0]["migration"]["complete"] = json!(false);
+        assert_eq!(demo_problems(&partial).len(), 2);
+
+        // Reports from before the rename say hash_*; a count under neither name is a problem.
+        let mut old_names = demo(16384);
+        old_names["moves"][0]["migration"] = json!({"complete": true, "pages_planned": 16384, "pages_moved": 16384,
+                   "hash_checks": 32, "hash_mismatches": 0, "after": {"1": 16384}});
+        assert!(demo_problems(&old_names).is_empty());
+        let mut unchecked = demo(16384);
+        unchecked["moves"][1]["migration"]["content_checks"] = json!(0);
+        assert_eq!(demo_problems(&unchecked).len(), 1);
+        let mut no_totals = demo(16384);
+        no_totals["totals"] = json!({"complete": true});
+        assert_eq!(demo_problems(&no_totals).len(), 1);
+
+        let mut left_behind = demo(16384);
+        left_behind["moves"][1]["migration"]["after"] = json!({"0": 16000, "1": 384});
+        assert_eq!(demo_problems(&left_behind).len(), 1);
+
+        let mut one_way = demo(16384);
+        one_way["moves"].as_array_mut().unwrap().pop();
+        assert_eq!(demo_problems(&one_way).len(), 1);
     }
 }

@@ -52,6 +52,12 @@ pub const BUILTIN: &[TestInfo] = &[
                 because the kernel refused (PASS if it advertises MIGRATABLE)",
     },
     TestInfo {
+        name: "gmemctl-demo",
+        about: "`/bin/gmemctl demo --json --mem 64M`: the demo guest runs on nested KVM while \
+                all its memory moves 0 -> 1 -> 0; every move complete (all pages on target, no \
+                hash mismatch), 0 guest mismatches",
+    },
+    TestInfo {
         name: "full-node",
         about: "a hog fills node 1 below what a 32 MiB migration needs; remap and refault to \
                 node 1 stop partway with a refusal for lack of memory, every byte intact, no \
@@ -90,6 +96,7 @@ fn dispatch(name: &str) -> Result<Verdict, GuestError> {
         "gmem-stock" => checks::gmem_stock(),
         "gmemctl-probe" => gmemctl::gmemctl_probe(),
         "gmemctl-selftest" => gmemctl::gmemctl_selftest(),
+        "gmemctl-demo" => gmemctl::gmemctl_demo(),
         "full-node" => full_node::full_node(),
         _ => match name.strip_prefix(EXEC_PREFIX) {
             Some(cmd) if !cmd.trim().is_empty() => checks::exec(cmd),
