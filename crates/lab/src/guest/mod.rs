@@ -59,9 +59,9 @@ pub const BUILTIN: &[TestInfo] = &[
     },
     TestInfo {
         name: "full-node",
-        about: "a hog fills node 1 below what a 32 MiB migration needs; remap and refault to \
-                node 1 stop partway with a refusal for lack of memory, every byte intact, no \
-                OOM kill",
+        about: "a hog fills node 1 below what a 128 MiB migration needs; remap and refault \
+                to node 1 stop partway with a refusal for lack of memory, every byte intact, \
+                no OOM kill",
     },
 ];
 
