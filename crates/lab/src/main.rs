@@ -137,6 +137,11 @@ struct RunArgs {
     /// Memory of each of the two NUMA nodes, in MiB
     #[arg(long, value_name = "MIB", default_value_t = 1024)]
     node_mib: u64,
+    /// Cold-plug a DIMM of this many MiB (default 512) on node 1, its memory blocks left
+    /// offline for the offline-movable test (needs CONFIG_MHP_DEFAULT_ONLINE_TYPE_OFFLINE)
+    #[arg(long, value_name = "MIB", num_args = 0..=1, default_missing_value = "512",
+          require_equals = true)]
+    hotplug_dimm: Option<u64>,
     /// Extra kernel command-line arguments
     #[arg(long, value_name = "ARGS")]
     append: Option<String>,
@@ -174,6 +179,7 @@ impl RunArgs {
             qemu: self.qemu.clone(),
             timeout: Duration::from_secs(self.timeout),
             node_mib: self.node_mib,
+            hotplug_dimm_mib: self.hotplug_dimm,
             append: self.append.clone(),
             keep: self.keep,
             allow_skip: self.allow_skip,
@@ -281,7 +287,7 @@ fn main() -> ExitCode {
             Err(e) => fail(&e),
         },
         Cmd::Tests => {
-            for t in guest::BUILTIN {
+            for t in guest::BUILTIN.iter().chain(guest::PATCHED) {
                 println!("{:<17} {}", t.name, t.about);
             }
             println!(

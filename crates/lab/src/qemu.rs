@@ -45,6 +45,8 @@ pub struct Machine {
     pub append: String,
     /// Memory of each of the two NUMA nodes.
     pub node_mib: u64,
+    /// A cold-plugged pc-dimm of this many MiB on node 1 (memory hotplug and offlining).
+    pub hotplug_dimm_mib: Option<u64>,
     pub timeout: Duration,
     /// The guest's serial console is copied here as it arrives.
     pub serial_log: PathBuf,
@@ -75,7 +77,11 @@ impl Machine {
             "-cpu".into(),
             "max".into(),
             "-m".into(),
-            format!("{}M", 2 * n),
+            match self.hotplug_dimm_mib {
+                // Room for the DIMM above the boot memory: two slots, twice its size.
+                Some(d) => format!("{}M,slots=2,maxmem={}M", 2 * n, 2 * n + 2 * d),
+                None => format!("{}M", 2 * n),
+            },
             "-smp".into(),
             "2,sockets=2,cores=1,threads=1".into(),
         ];
@@ -86,6 +92,12 @@ impl Machine {
         for i in 0..2 {
             a.push("-numa".into());
             a.push(format!("node,nodeid={i},cpus={i},memdev=m{i}"));
+        }
+        if let Some(d) = self.hotplug_dimm_mib {
+            a.push("-object".into());
+            a.push(format!("memory-backend-ram,id=hp,size={d}M"));
+            a.push("-device".into());
+            a.push("pc-dimm,id=dimm1,memdev=hp,node=1".into());
         }
         a.extend(
             [
@@ -226,6 +238,7 @@ mod tests {
             initrd: "/i".into(),
             append: "console=ttyS0 panic=-1".into(),
             node_mib: 1024,
+            hotplug_dimm_mib: None,
             timeout: Duration::from_secs(1),
             serial_log: "/s".into(),
             qemu_log: "/q".into(),
@@ -238,5 +251,15 @@ mod tests {
         assert!(a.contains("-numa node,nodeid=0,cpus=0,memdev=m0"));
         assert!(a.contains("-numa node,nodeid=1,cpus=1,memdev=m1"));
         assert!(a.ends_with("-kernel /k -initrd /i -append console=ttyS0 panic=-1"));
+        assert!(!a.contains("pc-dimm"));
+        let dimm = Machine {
+            hotplug_dimm_mib: Some(512),
+            ..m
+        }
+        .args()
+        .join(" ");
+        assert!(dimm.contains("-m 2048M,slots=2,maxmem=3072M"));
+        assert!(dimm.contains("-object memory-backend-ram,id=hp,size=512M"));
+        assert!(dimm.contains("-device pc-dimm,id=dimm1,memdev=hp,node=1"));
     }
 }

@@ -87,6 +87,8 @@ pub struct RunOptions {
     pub qemu: PathBuf,
     pub timeout: Duration,
     pub node_mib: u64,
+    /// A cold-plugged DIMM of this many MiB on node 1 (`--hotplug-dimm`).
+    pub hotplug_dimm_mib: Option<u64>,
     pub append: Option<String>,
     pub keep: bool,
     pub allow_skip: bool,
@@ -296,6 +298,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
         initrd: prepared.initrd.clone(),
         append,
         node_mib: opts.node_mib,
+        hotplug_dimm_mib: opts.hotplug_dimm_mib,
         timeout: opts.timeout,
         serial_log: dir.join("serial.log"),
         qemu_log: dir.join("qemu.log"),

@@ -3,6 +3,7 @@
 mod checks;
 mod full_node;
 mod gmemctl;
+mod patched;
 
 use std::io::Write;
 use std::panic::{self, AssertUnwindSafe};
@@ -15,6 +16,7 @@ use crate::report::{Status, TestResult, error_chain};
 
 pub use checks::GuestError;
 pub use full_node::hog;
+pub use patched::TESTS as PATCHED;
 
 /// A built-in lab test.
 #[derive(Debug, Clone, Copy)]
@@ -77,6 +79,7 @@ pub fn default_tests() -> Vec<String> {
 /// Whether the agent knows how to run `name`.
 pub fn is_known(name: &str) -> bool {
     BUILTIN.iter().any(|t| t.name == name)
+        || patched::is_known(name)
         || name
             .strip_prefix(EXEC_PREFIX)
             .is_some_and(|c| !c.trim().is_empty())
@@ -100,7 +103,7 @@ fn dispatch(name: &str) -> Result<Verdict, GuestError> {
         "full-node" => full_node::full_node(),
         _ => match name.strip_prefix(EXEC_PREFIX) {
             Some(cmd) if !cmd.trim().is_empty() => checks::exec(cmd),
-            _ => Err(GuestError::UnknownTest(name.to_owned())),
+            _ => patched::dispatch(name),
         },
     }
 }
