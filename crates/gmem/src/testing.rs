@@ -74,6 +74,7 @@ struct WriterShared {
     count: usize,
     mismatches: AtomicU64,
     pages_verified: AtomicU64,
+    pages_done: AtomicU64,
 }
 
 impl Writers {
@@ -86,6 +87,7 @@ impl Writers {
             count,
             mismatches: AtomicU64::new(0),
             pages_verified: AtomicU64::new(0),
+            pages_done: AtomicU64::new(0),
         });
         let pages = memory.layout().guest_size / page_size();
         let threads = (0..count as u64)
@@ -106,6 +108,11 @@ impl Writers {
     /// Pages read back and checked so far.
     pub fn pages_verified(&self) -> u64 {
         self.shared.pages_verified.load(Ordering::Relaxed)
+    }
+
+    /// Pages written or read back so far: progress in either phase.
+    pub fn pages_done(&self) -> u64 {
+        self.shared.pages_done.load(Ordering::Relaxed)
     }
 
     /// Stops the writers and returns (mismatches, pages verified).
@@ -162,6 +169,7 @@ impl WriterShared {
                         self.mismatches.fetch_add(bad, Ordering::Relaxed);
                         self.pages_verified.fetch_add(1, Ordering::Relaxed);
                     }
+                    self.pages_done.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }

@@ -204,7 +204,7 @@ fn run_migrate_and_status_end_to_end() {
     let job = json(&out);
     assert_eq!(job["state"], "succeeded", "{job:#}");
     assert_eq!(job["report"]["complete"], true);
-    assert_eq!(job["report"]["hash_mismatches"], 0);
+    assert_eq!(job["report"]["content_mismatches"], 0);
     assert_eq!(job["guest"]["mismatches"], 0);
     assert_eq!(job["request"]["max_stop_us"], 2000);
     assert!(job["report"]["pages_moved"].as_u64().unwrap() > 0);

@@ -86,8 +86,8 @@ fn the_demo_moves_every_page_and_loses_nothing() {
 
     assert_eq!(report["verdict"]["ok"], true, "{}", report["verdict"]);
     assert_eq!(report["guest_check"]["mismatches"], 0);
-    assert_eq!(report["totals"]["hash_mismatches"], 0);
-    assert!(report["totals"]["hash_checks"].as_u64().unwrap() > 0);
+    assert_eq!(report["totals"]["content_mismatches"], 0);
+    assert!(report["totals"]["content_checks"].as_u64().unwrap() > 0);
     let moves = report["moves"].as_array().unwrap();
     assert_eq!(moves.len(), 2, "one round: there and back");
     let pages = report["guest"]["pages"].as_u64().unwrap();

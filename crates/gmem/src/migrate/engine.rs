@@ -14,7 +14,8 @@ use super::quiesce::Quiesce;
 use super::refault::Refault;
 use super::remap::{Remap, remap_confidential};
 use super::report::{
-    HashCheck, MechanismChoice, MechanismKind, MigrationReport, StepOutcome, StepReport, StopStats,
+    ContentCheck, MechanismChoice, MechanismKind, MigrationReport, StepOutcome, StepReport,
+    StopStats,
 };
 use super::verify::Verify;
 use crate::memory::{GmemFlags, GuestMemory, MemoryError, Placement, Policy, page_size};
@@ -267,7 +268,7 @@ impl<'a> Migrator<'a> {
                 std::thread::sleep(stop.mul_f64(1.0 / share - 1.0));
             }
             report.pages_moved = match &report.outcome {
-                StepOutcome::Moved if report.hash != HashCheck::Mismatched => pages_to_move,
+                StepOutcome::Moved if report.content != ContentCheck::Mismatched => pages_to_move,
                 StepOutcome::Partial { not_moved, .. } => pages_to_move.saturating_sub(*not_moved),
                 _ => 0,
             };
@@ -287,8 +288,8 @@ impl<'a> Migrator<'a> {
         match mechanism {
             MechanismKind::Remap => Remap.run_pipelined(&cx, &plan.steps, &mut record)?,
             MechanismKind::Native => {
-                // Without content hashes native never stops the guest: take the largest batches.
-                let never_stops = !request.verify.hashes();
+                // Without content checks native never stops the guest: take the largest batches.
+                let never_stops = !request.verify.checks_content();
                 run_batched(
                     &mut Native::new(),
                     &cx,
@@ -375,17 +376,17 @@ impl<'a> Migrator<'a> {
                 .map(f)
                 .try_fold(0u64, |acc, v| v.map(|v| acc + v))
         };
-        let hash_checks = reports
+        let content_checks = reports
             .iter()
-            .filter(|r| r.hash != HashCheck::NotTaken)
+            .filter(|r| r.content != ContentCheck::NotTaken)
             .count() as u64;
-        let hash_mismatches = reports
+        let content_mismatches = reports
             .iter()
-            .filter(|r| r.hash == HashCheck::Mismatched)
+            .filter(|r| r.content == ContentCheck::Mismatched)
             .count() as u64;
         let failures: Vec<StepReport> = reports
             .iter()
-            .filter(|r| r.outcome != StepOutcome::Moved || r.hash == HashCheck::Mismatched)
+            .filter(|r| r.outcome != StepOutcome::Moved || r.content == ContentCheck::Mismatched)
             .cloned()
             .collect();
         MigrationReport {
@@ -407,8 +408,8 @@ impl<'a> Migrator<'a> {
             } else {
                 sum(|r| r.pfns_checked)
             },
-            hash_checks,
-            hash_mismatches,
+            content_checks,
+            content_mismatches,
             stops: StopStats::from_durations(stops),
             steps: reports.len() as u64,
             elapsed_us: elapsed.as_micros() as u64,

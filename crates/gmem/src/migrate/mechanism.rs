@@ -5,7 +5,7 @@ use std::time::Duration;
 use super::copier::ContentCopier;
 use super::plan::Step;
 use super::quiesce::Quiesce;
-use super::report::{HashCheck, StepOutcome, StepReport};
+use super::report::{ContentCheck, StepOutcome, StepReport};
 use super::verify::{self, Verify};
 use super::{InjectedFailure, MigrateError};
 use crate::memory::{GuestMemory, Placement, page_size};
@@ -94,7 +94,7 @@ pub(crate) fn report(step: &Step, outcome: StepOutcome) -> StepReport {
         pages_off_target: 0,
         pfns_changed: None,
         pfns_checked: None,
-        hash: HashCheck::NotTaken,
+        content: ContentCheck::NotTaken,
     }
 }
 

@@ -25,7 +25,7 @@ pub use error::MigrateError;
 pub use plan::{PlacementPolicy, Plan, PlanInput, Step};
 pub use quiesce::{NothingToQuiesce, Paused, Quiesce, QuiesceError};
 pub use report::{
-    HashCheck, MechanismChoice, MechanismKind, MigrationReport, RestoredTo, StepOutcome,
+    ContentCheck, MechanismChoice, MechanismKind, MigrationReport, RestoredTo, StepOutcome,
     StepReport, StopStats,
 };
 pub use verify::Verify;

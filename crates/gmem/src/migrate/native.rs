@@ -5,17 +5,95 @@
 //! way that is easy to miss: move_pages returns how many pages it did not move and leaves
 //! `status` unwritten. That is detected and reported, never taken for success.
 
+use std::io;
+use std::time::Duration;
+
 use super::MigrateError;
 use super::mechanism::{Mechanism, StepContext, check_result, report};
 use super::plan::Step;
 use super::quiesce::Paused;
-use super::report::{HashCheck, StepOutcome, StepReport};
+use super::report::{ContentCheck, StepOutcome, StepReport};
 use super::verify::{self, BLOCK};
 use crate::memory::page_size;
 use crate::sys::mempolicy::{self, MPOL_MF_MOVE};
 
 /// Marks a status entry the kernel did not write.
 const UNWRITTEN: i32 = i32::MIN;
+
+/// move_pages rounds per step while the guest runs: the first, then retries of the pages it
+/// left behind.
+const ROUNDS_RUNNING: u32 = 3;
+/// Rounds for the pages still left, with the guest stopped.
+const ROUNDS_STOPPED: u32 = 2;
+/// Pause before the first retry, doubled for each later one: a vCPU that faulted on a folio
+/// while it was being migrated holds a reference to it until its fault completes, and until
+/// then every attempt to migrate that folio fails.
+const BACKOFF: Duration = Duration::from_millis(1);
+
+/// Moves `addrs` to `target` with move_pages, and moves again, up to `rounds` in all and
+/// after a growing pause, the pages a round left behind. The kernel migrates a batch as a unit: if any page of it fails
+/// (a running vCPU faulting on a folio can make it -EAGAIN for the whole pass), it returns the
+/// count not moved and leaves `status` unwritten for the batch, although most of it moved.
+/// So unwritten entries are filled by asking where each page is now.
+///
+/// Returns the first round's result if no round moved anything (a stock kernel refuses
+/// every gmem page this way), else `Ok` with the pages still not on `target`. `status` ends
+/// with each page's node or negative errno, or [`UNWRITTEN`] where even the query gave none.
+fn move_with_retries(
+    addrs: &[usize],
+    target: i32,
+    status: &mut [i32],
+    rounds: u32,
+) -> io::Result<usize> {
+    let first = mempolicy::move_pages(
+        0,
+        addrs,
+        Some(&vec![target; addrs.len()]),
+        status,
+        MPOL_MF_MOVE,
+    );
+    if !matches!(first, Ok(left) if left > 0) {
+        return first;
+    }
+    let mut moved_any = false;
+    for round in 1..=rounds {
+        if status.contains(&UNWRITTEN) {
+            let mut now = vec![UNWRITTEN; addrs.len()];
+            if mempolicy::move_pages(0, addrs, None, &mut now, 0).is_ok() {
+                for (s, n) in status.iter_mut().zip(now) {
+                    if *s == UNWRITTEN {
+                        *s = n;
+                    }
+                }
+            }
+        }
+        moved_any |= status.contains(&target);
+        // Pages on another node are worth another try; errors like -ENOENT are not.
+        let behind: Vec<usize> = (0..addrs.len())
+            .filter(|&i| status[i] >= 0 && status[i] != target)
+            .collect();
+        if behind.is_empty() || round == rounds {
+            break;
+        }
+        std::thread::sleep(BACKOFF * (1 << (round - 1)));
+        let again: Vec<usize> = behind.iter().map(|&i| addrs[i]).collect();
+        let mut again_status = vec![UNWRITTEN; again.len()];
+        let nodes = vec![target; again.len()];
+        if mempolicy::move_pages(0, &again, Some(&nodes), &mut again_status, MPOL_MF_MOVE).is_err()
+        {
+            break;
+        }
+        for (&i, s) in behind.iter().zip(again_status) {
+            status[i] = s;
+        }
+    }
+    if moved_any {
+        Ok(status.iter().filter(|&&s| s != target).count())
+    } else {
+        status.fill(UNWRITTEN);
+        first
+    }
+}
 
 /// The native mechanism.
 pub(crate) struct Native {
@@ -37,26 +115,51 @@ impl Mechanism for Native {
         let addrs: Vec<usize> = (0..pages)
             .map(|i| cx.map.addr() + (offset + i * page_size()) as usize)
             .collect();
-        let nodes = vec![step.target.0 as i32; addrs.len()];
         let mut status = vec![UNWRITTEN; addrs.len()];
         let pfns_before = cx.pfns(offset, step.len);
 
         // Content hashes need a stopped guest; without them the guest keeps running.
-        let paused = if cx.verify.hashes() {
+        let paused = if cx.verify.checks_content() {
             Some(Paused::new(cx.quiesce)?)
         } else {
             None
         };
         let hash_before = cx
             .verify
-            .hashes()
+            .checks_content()
             .then(|| verify::hash_range(cx.map, offset, step.len, &mut self.block));
-        let result = mempolicy::move_pages(0, &addrs, Some(&nodes), &mut status, MPOL_MF_MOVE);
+        let target = step.target.0 as i32;
+        let mut result = move_with_retries(&addrs, target, &mut status, ROUNDS_RUNNING);
+        // A folio that a running vCPU keeps faulting on (its page tables, say) can lose every
+        // race against the fault, which holds a folio reference while it waits for the lock
+        // that migration holds. Once the kernel has shown it moves gmem, such stragglers are
+        // moved with the guest stopped: a short stop for a few pages, and it is reported.
+        let mut straggler_stop = None;
+        if paused.is_none() && matches!(result, Ok(left) if left > 0) && status.contains(&target) {
+            let behind: Vec<usize> = (0..addrs.len())
+                .filter(|&i| status[i] >= 0 && status[i] != target)
+                .collect();
+            if !behind.is_empty() {
+                let again: Vec<usize> = behind.iter().map(|&i| addrs[i]).collect();
+                let mut again_status = vec![UNWRITTEN; again.len()];
+                let stopped = Paused::new(cx.quiesce)?;
+                let moved = move_with_retries(&again, target, &mut again_status, ROUNDS_STOPPED);
+                straggler_stop = Some(stopped.resume()?);
+                if moved.is_ok() {
+                    for (&i, s) in behind.iter().zip(again_status) {
+                        if s != UNWRITTEN {
+                            status[i] = s;
+                        }
+                    }
+                }
+                result = Ok(status.iter().filter(|&&s| s != target).count());
+            }
+        }
         let hash_after = cx
             .verify
-            .hashes()
+            .checks_content()
             .then(|| verify::hash_range(cx.map, offset, step.len, &mut self.block));
-        let stop = paused.map(Paused::resume).transpose()?;
+        let stop = paused.map(Paused::resume).transpose()?.or(straggler_stop);
 
         let not_moved = match result {
             Ok(left) if left as u64 == pages && status.iter().all(|&s| s == UNWRITTEN) => {
@@ -66,10 +169,7 @@ impl Mechanism for Native {
                     ),
                 });
             }
-            Ok(_) => status
-                .iter()
-                .filter(|&&s| s != step.target.0 as i32)
-                .count() as u64,
+            Ok(_) => status.iter().filter(|&&s| s != target).count() as u64,
             Err(e) => {
                 return Err(MigrateError::NativeUnsupported {
                     evidence: format!("move_pages on gmem failed: {e}"),
@@ -90,10 +190,10 @@ impl Mechanism for Native {
             }
         };
         let mut report = report(step, outcome);
-        report.hash = match (hash_before, hash_after) {
-            (Some(b), Some(a)) if a == b => HashCheck::Matched,
-            (Some(_), Some(_)) => HashCheck::Mismatched,
-            _ => HashCheck::NotTaken,
+        report.content = match (hash_before, hash_after) {
+            (Some(b), Some(a)) if a == b => ContentCheck::Matched,
+            (Some(_), Some(_)) => ContentCheck::Mismatched,
+            _ => ContentCheck::NotTaken,
         };
         check_result(cx, &mut report, offset, pfns_before, stop)?;
         if matches!(report.outcome, StepOutcome::Partial { .. }) {

@@ -10,7 +10,7 @@ use super::mechanism::{StepContext, check_result, report};
 use super::plan::Step;
 use super::quiesce::Paused;
 use super::refault::root_cause;
-use super::report::{HashCheck, RestoredTo, StepOutcome, StepReport};
+use super::report::{ContentCheck, RestoredTo, StepOutcome, StepReport};
 use super::verify;
 use super::{InjectedFailure, MigrateError};
 use crate::memory::{MemoryError, Policy, page_size};
@@ -173,7 +173,7 @@ impl Remap {
             }
             None => false,
         };
-        let checking = cx.verify.hashes();
+        let checking = cx.verify.checks_content();
         if !copied_by_copier {
             cx.map
                 .copy_to(old as usize, cx.map, spare as usize, chunk_size as usize);
@@ -191,7 +191,7 @@ impl Remap {
                 .map(|_| ())
                 .map_err(|e| format!("{e}: {}", root_cause(&e)))
         };
-        let mut hash = HashCheck::NotTaken;
+        let mut content = ContentCheck::NotTaken;
         let failure = match swapped {
             Err(reason) => Some(reason),
             Ok(()) if checking => {
@@ -204,10 +204,10 @@ impl Remap {
                     .map
                     .equal(now as usize, cx.map, old as usize, chunk_size as usize)
                 {
-                    hash = HashCheck::Matched;
+                    content = ContentCheck::Matched;
                     None
                 } else {
-                    hash = HashCheck::Mismatched;
+                    content = ContentCheck::Mismatched;
                     // Point the guest back at the untouched old chunk.
                     memory.rebind_chunk(chunk, old).map_err(|source| {
                         MigrateError::RestoreFailed {
@@ -237,7 +237,7 @@ impl Remap {
             }
         };
         let mut report = report(step, outcome);
-        report.hash = hash;
+        report.content = content;
         let now = memory.chunk_offset(chunk);
         check_result(cx, &mut report, now, pfns_before, Some(stop))?;
         Ok(report)

@@ -117,12 +117,12 @@ pub enum StepOutcome {
 /// Content check of one step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum HashCheck {
-    /// No hash was taken (verification off, or confidential memory).
+pub enum ContentCheck {
+    /// Not checked (verification off, or confidential memory the host may not read).
     NotTaken,
-    /// Hashes before and after match.
+    /// The content after the step equals the content before it.
     Matched,
-    /// They differ.
+    /// It differs.
     Mismatched,
 }
 
@@ -148,7 +148,7 @@ pub struct StepReport {
     /// Present pages whose frames were compared.
     pub pfns_checked: Option<u64>,
     /// Content check.
-    pub hash: HashCheck,
+    pub content: ContentCheck,
 }
 
 /// Distribution of guest stop times, microseconds.
@@ -208,10 +208,10 @@ pub struct MigrationReport {
     pub pfns_changed: Option<u64>,
     /// Present pages whose frames were compared.
     pub pfns_checked: Option<u64>,
-    /// Content hashes compared.
-    pub hash_checks: u64,
-    /// Content hashes that differed (each one restored, or reported if not restorable).
-    pub hash_mismatches: u64,
+    /// Steps whose content was checked (byte-exact, or by hash for native).
+    pub content_checks: u64,
+    /// Checks that found a difference (each one restored, or reported if not restorable).
+    pub content_mismatches: u64,
     /// Guest stop times over all steps.
     pub stops: StopStats,
     /// Steps run.

@@ -74,6 +74,12 @@ impl Scratch {
         self.allocate_on(self.size + at, len, node).is_ok()
     }
 
+    /// Allocates `len` bytes on `node` in the (released) reservation half at `at`: like a
+    /// soak, it takes frames just freed on this CPU and holds them. Best effort.
+    pub fn hold(&self, at: u64, len: u64, node: NodeId) -> bool {
+        self.allocate_on(at, len, node).is_ok()
+    }
+
     /// Frees whatever is still reserved or soaked.
     pub fn release_all(&self) {
         let _ = self.gmem.punch(0, 2 * self.size);

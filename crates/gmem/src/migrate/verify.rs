@@ -14,8 +14,9 @@ pub const BLOCK: usize = 64 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verify {
-    /// Placement, PFNs, and a content hash before and after, taken while the guest is
-    /// stopped (so native migration stops the guest for it too).
+    /// Placement, PFNs, and content, checked while the guest is stopped: byte for byte
+    /// against the copy the mechanism still holds (remap, refault), or by a hash taken
+    /// before and after (native, where the kernel owns the copy; it then stops the guest).
     #[default]
     Full,
     /// Placement and PFNs only; never stops the guest for checking.
@@ -25,8 +26,8 @@ pub enum Verify {
 }
 
 impl Verify {
-    /// Whether content hashes are taken.
-    pub fn hashes(self) -> bool {
+    /// Whether content is checked.
+    pub fn checks_content(self) -> bool {
         self == Verify::Full
     }
 

@@ -255,7 +255,7 @@ fn measure(
         }
         Err(e) => return Err(e.into()),
     };
-    let hashed_steps = report.hash_checks;
+    let hashed_steps = report.content_checks;
     Ok(Row {
         name: mechanism.to_string(),
         skipped: None,

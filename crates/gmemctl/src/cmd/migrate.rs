@@ -190,7 +190,7 @@ fn verdict(job: &Value) -> Result<(), CliError> {
                  mismatches, {} guest mismatches",
                 report["pages_moved"],
                 report["pages_planned"],
-                report["hash_mismatches"],
+                report["content_mismatches"],
                 job["guest"]["mismatches"]
             )))
         }
@@ -375,7 +375,7 @@ fn render(job: &Value) -> String {
         "content hashes",
         format!(
             "{} compared, {} differed",
-            report["hash_checks"], report["hash_mismatches"]
+            report["content_checks"], report["content_mismatches"]
         ),
     );
     let stops = &report["stops"];
@@ -453,8 +453,8 @@ mod tests {
                 "mechanism": "remap", "relocate_in_place": true, "pages_planned": 10,
                 "pages_moved": 10, "pages_not_moved": 0, "pages_in_place": 0,
                 "bytes_moved": 40960, "elapsed_us": 1500, "throughput_gbps": 0.03,
-                "pfns_changed": 10, "pfns_checked": 10, "hash_checks": 1,
-                "hash_mismatches": 0,
+                "pfns_changed": 10, "pfns_checked": 10, "content_checks": 1,
+                "content_mismatches": 0,
                 "stops": {"count": 1, "p50_us": 200, "p99_us": 200, "max_us": 200,
                           "total_us": 200},
                 "before": {"0": 10}, "after": {"0": 10}, "complete": true,

@@ -282,8 +282,8 @@ fn summary(report: &MigrationReport) -> Value {
         "pages_moved": report.pages_moved,
         "pages_not_moved": report.pages_not_moved,
         "steps": report.steps,
-        "hash_checks": report.hash_checks,
-        "hash_mismatches": report.hash_mismatches,
+        "content_checks": report.content_checks,
+        "content_mismatches": report.content_mismatches,
         "pages_before": report.before,
         "pages_after": report.after,
         "first_failure": report.failures.first().map(|f| json!({

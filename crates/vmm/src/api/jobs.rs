@@ -49,7 +49,7 @@ impl Job {
         match &*lock(&self.status) {
             Status::Running { .. } => JobState::Running,
             Status::Finished { report, guest, .. } => {
-                if report.complete && report.hash_mismatches == 0 && guest.mismatches == 0 {
+                if report.complete && report.content_mismatches == 0 && guest.mismatches == 0 {
                     JobState::Succeeded
                 } else {
                     JobState::Incomplete
@@ -237,7 +237,7 @@ impl Jobs {
                     totals.pages_moved.add(report.mechanism, report.pages_moved);
                     totals.bytes_moved += report.bytes_moved;
                     totals.pfns_changed += report.pfns_changed.unwrap_or(0);
-                    totals.hash_mismatches += report.hash_mismatches;
+                    totals.content_mismatches += report.content_mismatches;
                     totals.guest_mismatches += guest.mismatches;
                 }
                 job.set(Status::Finished {

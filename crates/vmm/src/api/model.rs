@@ -195,7 +195,7 @@ pub struct MigrationTotals {
     /// Present pages whose frame changed.
     pub pfns_changed: u64,
     /// Content hashes that differed (each restored or reported).
-    pub hash_mismatches: u64,
+    pub content_mismatches: u64,
     /// Words the guest found wrong while a migration ran.
     pub guest_mismatches: u64,
 }

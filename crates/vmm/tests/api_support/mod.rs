@@ -177,7 +177,7 @@ pub fn assert_succeeded(job: &Value) {
     assert_eq!(job["state"], "succeeded", "{job:#}");
     let report = &job["report"];
     assert_eq!(report["complete"], true, "{job:#}");
-    assert_eq!(report["hash_mismatches"], 0, "{job:#}");
+    assert_eq!(report["content_mismatches"], 0, "{job:#}");
     assert_eq!(report["pages_moved"], report["pages_planned"], "{job:#}");
     assert!(report["failures"].as_array().unwrap().is_empty(), "{job:#}");
     assert_eq!(job["guest"]["mismatches"], 0, "{job:#}");

@@ -122,7 +122,7 @@ fn moves_table(r: &DemoReport) -> String {
         "stop p50/p99/max",
         "GB/s",
         "of memcpy",
-        "hash checks",
+        "content checks",
         "guest rate",
     ]);
     for m in &r.moves {
@@ -138,7 +138,7 @@ fn moves_table(r: &DemoReport) -> String {
         "(see above)".into(),
         gbps(totals.throughput_gbps),
         percent(totals.throughput_vs_memcpy),
-        hashes(totals.hash_checks, totals.hash_mismatches),
+        content_checks(totals.content_checks, totals.content_mismatches),
         percent(r.guest_progress.share_during),
     ]);
     let mut out = t.render();
@@ -166,7 +166,7 @@ fn move_row(m: &MoveResult, before: &GuestRate) -> Vec<String> {
             .join(" / "),
         gbps(report.throughput_gbps),
         percent(m.throughput_vs_memcpy),
-        hashes(report.hash_checks, report.hash_mismatches),
+        content_checks(report.content_checks, report.content_mismatches),
         percent(m.guest_rate.share_of(before)),
     ]
 }
@@ -187,7 +187,7 @@ fn pfns(changed: Option<u64>, checked: Option<u64>) -> String {
     }
 }
 
-fn hashes(checks: u64, mismatches: u64) -> String {
+fn content_checks(checks: u64, mismatches: u64) -> String {
     if mismatches == 0 {
         format!("{checks} matched")
     } else {
@@ -306,9 +306,9 @@ fn verdict(r: &DemoReport) -> String {
     if r.verdict.ok {
         format!(
             "result: no byte lost. The guest read back every word it wrote ({} mismatches), all \
-             {} host-side hash checks matched, and every move moved and verified all its \
+             {} host-side content checks matched, and every move moved and verified all its \
              pages.\n",
-            r.guest_check.mismatches, r.totals.hash_checks
+            r.guest_check.mismatches, r.totals.content_checks
         )
     } else {
         format!("result: FAILED: {}\n", r.verdict.problems.join("; "))

@@ -91,10 +91,10 @@ pub struct Totals {
     pub pfns_changed: Option<u64>,
     /// Pages whose frames the engine compared.
     pub pfns_checked: Option<u64>,
-    /// Host-side content hashes compared.
-    pub hash_checks: u64,
+    /// Host-side content checks (byte-exact, or by hash for native).
+    pub content_checks: u64,
     /// Of which differed.
-    pub hash_mismatches: u64,
+    pub content_mismatches: u64,
     /// Wall time of all moves, microseconds.
     pub elapsed_us: u64,
     /// Bytes moved per second of that time, GB/s.
@@ -278,8 +278,8 @@ fn totals(moves: &[MoveResult], memcpy: &MemcpyBandwidth) -> Totals {
         bytes_moved,
         pfns_changed: sum_optional(|r| r.pfns_changed),
         pfns_checked: sum_optional(|r| r.pfns_checked),
-        hash_checks: sum(|r| r.hash_checks),
-        hash_mismatches: sum(|r| r.hash_mismatches),
+        content_checks: sum(|r| r.content_checks),
+        content_mismatches: sum(|r| r.content_mismatches),
         elapsed_us,
         throughput_gbps,
         throughput_vs_memcpy: throughput_gbps / memcpy.gbps,
@@ -317,10 +317,10 @@ fn judge(totals: &Totals, guest: &GuestCheck, moves: &[MoveResult]) -> Verdict {
     if !guest.vcpu_failures.is_empty() {
         problems.push(format!("vCPUs stopped: {}", guest.vcpu_failures.join(", ")));
     }
-    if totals.hash_mismatches > 0 {
+    if totals.content_mismatches > 0 {
         problems.push(format!(
-            "{} host-side content hashes differed",
-            totals.hash_mismatches
+            "{} host-side content checks found a difference",
+            totals.content_mismatches
         ));
     }
     for m in moves.iter().filter(|m| !m.migration.complete) {

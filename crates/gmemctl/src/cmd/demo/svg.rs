@@ -164,10 +164,10 @@ fn header_lines(report: &DemoReport) -> Vec<String> {
     )];
     lines.extend(wrap(&report.explanation, WRAP_CHARS));
     lines.push(format!(
-        "guest mismatches {}, host hash checks {} of {} matched, kernel {}",
+        "guest mismatches {}, host content checks {} of {} matched, kernel {}",
         report.guest_check.mismatches,
-        report.totals.hash_checks - report.totals.hash_mismatches,
-        report.totals.hash_checks,
+        report.totals.content_checks - report.totals.content_mismatches,
+        report.totals.content_checks,
         report.machine.kernel_release
     ));
     lines
