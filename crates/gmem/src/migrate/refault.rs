@@ -20,31 +20,12 @@ use crate::numa::NodeMask;
 use crate::sys::mman::Mmap;
 use crate::sys::sched;
 
-/// Batches at least this large are split across two CPUs.
-const SPLIT_AT: u64 = 64 * 4096;
-
 /// A share of a batch: bytes `at..at+len` of it, and the same bytes of the bounce buffer
-/// and of each scratch half.
+/// and of each scratch half (the whole batch, or the pages a redo covers).
 #[derive(Debug, Clone, Copy)]
 struct Part {
     at: u64,
     len: u64,
-}
-
-/// One part, or two page-aligned halves for batches worth two threads.
-fn split(len: u64) -> Vec<Part> {
-    let page = crate::memory::page_size();
-    if len < SPLIT_AT {
-        return vec![Part { at: 0, len }];
-    }
-    let half = (len / 2).div_ceil(page) * page;
-    vec![
-        Part { at: 0, len: half },
-        Part {
-            at: half,
-            len: len - half,
-        },
-    ]
 }
 
 /// The refault mechanism, with its bounded buffers.
@@ -86,9 +67,9 @@ impl Refault {
         !cx.verify.checks_content() || cx.map.equal(offset as usize + at, &self.bounce, at, len)
     }
 
-    /// One thread's share of the stopped work: punch, (soak), take the reservation's frames,
-    /// allocate and map on the target, copy back. Any error leaves its part punched or
-    /// partly allocated; the caller restores the whole batch.
+    /// The stopped work for a part: punch, (soak), take the reservation's frames, allocate
+    /// and map on the target, copy back. Any error leaves the part punched or partly
+    /// allocated; the caller restores the whole batch.
     fn replace_part(
         &self,
         cx: &StepContext<'_>,
@@ -115,29 +96,6 @@ impl Refault {
         // the pages fails here with ENOMEM (never a SIGBUS on a later touch).
         cx.memory.populate(start, len)?;
         Ok(self.write_back(cx, offset, part))
-    }
-
-    /// Runs `work` on every part, one thread per CPU: this one on the first CPU it may
-    /// use, a scoped helper on the second. Each stays on its CPU so the frames it frees
-    /// and takes come from that CPU's lists.
-    fn on_each_cpu<T: Send>(
-        &self,
-        cpus: &[usize],
-        parts: &[Part],
-        work: impl Fn(Part) -> T + Sync,
-    ) -> Vec<T> {
-        match (parts, cpus) {
-            ([first, second], [cpu_a, cpu_b, ..]) => std::thread::scope(|scope| {
-                let helper = scope.spawn(|| {
-                    let _ = sched::set_affinity(&[*cpu_b]);
-                    work(*second)
-                });
-                let _ = sched::set_affinity(&[*cpu_a]);
-                let mine = work(*first);
-                vec![mine, helper.join().expect("refault helper thread")]
-            }),
-            _ => parts.iter().map(|&part| work(part)).collect(),
-        }
     }
 
     /// Replaces again the pages of the batch whose frame did not change, holding each old
@@ -236,30 +194,27 @@ impl Mechanism for Refault {
                 },
             ));
         }
+        // Free lists are per CPU: stay on one for the step, so the soak and the batch see
+        // the same lists.
         let affinity = sched::affinity().unwrap_or_default();
-        let parts = split(len);
+        if let Some(&cpu) = affinity.first() {
+            let _ = sched::set_affinity(&[cpu]);
+        }
 
         let paused = Paused::new(cx.quiesce)?;
         // From the punch on, the bounce buffer is the only copy, and what comes back is
         // compared with it byte for byte.
-        let policy = Policy::Bind(NodeMask::single(step.target));
+        let whole = Part { at: 0, len };
+        cx.map
+            .copy_to(offset as usize, &self.bounce, 0, len as usize);
         let replaced = cx
             .memory
-            .set_policy_unchecked(offset, len, &policy)
-            .map(|()| {
-                self.on_each_cpu(&affinity, &parts, |part| {
-                    let (at, part_len) = (part.at as usize, part.len as usize);
-                    cx.map
-                        .copy_to(offset as usize + at, &self.bounce, at, part_len);
-                    self.replace_part(cx, offset, part, step, same_node)
-                })
-            });
+            .set_policy_unchecked(offset, len, &Policy::Bind(NodeMask::single(step.target)))
+            .and_then(|()| self.replace_part(cx, offset, whole, step, same_node));
         // A frame freed on one CPU can still come back when other threads allocate and free
         // there too. Within a node, redo (once) the pages that got their old frame back.
         let replaced = match (replaced, same_node, &pfns_before) {
-            (Ok(parts), true, Some(before)) if parts.iter().all(|p| matches!(p, Ok(true))) => self
-                .redo_kept_frames(cx, offset, step, before)
-                .map(|intact| vec![Ok(intact)]),
+            (Ok(true), true, Some(before)) => self.redo_kept_frames(cx, offset, step, before),
             (replaced, ..) => replaced,
         };
         let mut content = if cx.verify.checks_content() {
@@ -267,15 +222,14 @@ impl Mechanism for Refault {
         } else {
             ContentCheck::NotTaken
         };
-        let failure =
-            match replaced.and_then(|parts| parts.into_iter().collect::<Result<Vec<bool>, _>>()) {
-                Ok(intact) if intact.iter().all(|&ok| ok) => None,
-                Ok(_) => {
-                    content = ContentCheck::Mismatched;
-                    Some("content differs from the saved copy after the copy back".to_string())
-                }
-                Err(e) => Some(format!("{e}: {}", root_cause(&e))),
-            };
+        let failure = match replaced {
+            Ok(true) => None,
+            Ok(false) => {
+                content = ContentCheck::Mismatched;
+                Some("content differs from the saved copy after the copy back".to_string())
+            }
+            Err(e) => Some(format!("{e}: {}", root_cause(&e))),
+        };
         let outcome = match failure {
             None => StepOutcome::Moved,
             Some(reason) => match self.restore(cx, offset, len, original) {
