@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::kvm::{self, KvmError};
 use crate::memory::{GmemFlags, GuestMemfd, MemoryError, Placement, Policy, page_size};
-use crate::numa::{NodeId, NodeMask, Topology};
+use crate::numa::{NodeMask, Topology};
 use crate::sys::kvm::{
     KVM_CAP_GUEST_MEMFD, KVM_CAP_GUEST_MEMFD_FLAGS, KVM_CAP_MEMORY_ATTRIBUTES,
     KVM_CAP_USER_MEMORY2, KVM_CAP_VM_TYPES,
@@ -154,15 +154,6 @@ fn capabilities(vm: &VmFd) -> Vec<Capability> {
     .collect()
 }
 
-/// Nodes that have memory, in ascending order.
-fn memory_nodes(numa: &Topology) -> Vec<NodeId> {
-    numa.nodes
-        .iter()
-        .filter(|n| n.total_bytes > 0)
-        .map(|n| n.id)
-        .collect()
-}
-
 /// Fills page i with byte (i & 0xff): the seed selftest's pattern.
 fn fill_pattern(gmem_map: &crate::sys::mman::Mmap, pages: u64) {
     let page = page_size();
@@ -182,7 +173,7 @@ fn first_corrupt_page(gmem_map: &crate::sys::mman::Mmap, pages: u64) -> Option<u
 }
 
 fn probe_mbind(vm: &Arc<VmFd>, numa: &Topology) -> Finding {
-    let Some(&node) = memory_nodes(numa).first() else {
+    let Some(&node) = numa.memory_nodes().first() else {
         return Finding::new(Verdict::Unknown, "no NUMA node with memory found");
     };
     let run = || -> Result<Finding, MemoryError> {
@@ -222,7 +213,7 @@ fn probe_mbind(vm: &Arc<VmFd>, numa: &Topology) -> Finding {
 /// node and bytes. Needs two nodes with memory; says `Unknown` otherwise.
 pub fn native_migration(vm: &Arc<VmFd>, numa: &Topology, flags: GmemFlags) -> Finding {
     let advertised = flags.contains(GmemFlags::MIGRATABLE);
-    let nodes = memory_nodes(numa);
+    let nodes = numa.memory_nodes();
     let (from, to) = match nodes.as_slice() {
         [from, to, ..] => (*from, *to),
         _ => {
@@ -242,14 +233,7 @@ pub fn native_migration(vm: &Arc<VmFd>, numa: &Topology, flags: GmemFlags) -> Fi
         let gmem = GuestMemfd::create(vm, len, flags | GmemFlags::HOST_MAPPABLE)?;
         let map = gmem.map()?;
         let bind = Policy::Bind(NodeMask::single(from));
-        let (mode, mask) = bind.to_raw();
-        mempolicy::mbind(&map, 0, len as usize, mode, mask.as_raw(), 0).map_err(|source| {
-            MemoryError::Mbind {
-                offset: 0,
-                len,
-                source,
-            }
-        })?;
+        bind.apply(&map, 0, len)?;
         fill_pattern(&map, TEST_PAGES);
         let addrs: Vec<usize> = (0..TEST_PAGES)
             .map(|i| map.addr() + (i * page_size()) as usize)

@@ -348,20 +348,7 @@ impl GuestMemory {
         policy: &Policy,
     ) -> Result<(), MemoryError> {
         check_range(offset, len, self.gmem.size())?;
-        let (mode, nodes) = policy.to_raw();
-        mempolicy::mbind(
-            self.mapping()?,
-            offset as usize,
-            len as usize,
-            mode,
-            nodes.as_raw(),
-            0,
-        )
-        .map_err(|source| MemoryError::Mbind {
-            offset,
-            len,
-            source,
-        })
+        policy.apply(self.mapping()?, offset, len)
     }
 
     /// The NUMA policy in force at a gmem offset (`get_mempolicy(MPOL_F_ADDR)`).

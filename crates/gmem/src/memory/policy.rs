@@ -56,6 +56,23 @@ impl Policy {
         }
     }
 
+    /// Sets this policy on a page-aligned range of a mapping for future allocations
+    /// (`mbind(2)` without MOVE). Nodes are not checked here; see [`validate`](Self::validate).
+    pub(crate) fn apply(
+        &self,
+        map: &crate::sys::mman::Mmap,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), MemoryError> {
+        let (mode, nodes) = self.to_raw();
+        crate::sys::mempolicy::mbind(map, offset as usize, len as usize, mode, nodes.as_raw(), 0)
+            .map_err(|source| MemoryError::Mbind {
+                offset,
+                len,
+                source,
+            })
+    }
+
     /// The nodes the policy names.
     pub fn nodes(&self) -> NodeMask {
         self.to_raw().1

@@ -83,12 +83,7 @@ impl PlacementPolicy {
     /// The target node of each unit, or `None` where the unit's pages may stay where they
     /// are (drain only moves pages off the drained node).
     fn targets(&self, topology: &Topology, units: u64) -> Result<Vec<NodeId>, MigrateError> {
-        let memory_nodes: Vec<NodeId> = topology
-            .nodes
-            .iter()
-            .filter(|n| n.total_bytes > 0)
-            .map(|n| n.id)
-            .collect();
+        let memory_nodes = topology.memory_nodes();
         let check = |node: NodeId| -> Result<NodeId, MigrateError> {
             match topology.node(node) {
                 None => Err(MigrateError::BadTarget {

@@ -8,7 +8,6 @@ use kvm_ioctls::VmFd;
 
 use crate::memory::{GmemFlags, GuestMemfd, MemoryError, Policy};
 use crate::numa::{NodeId, NodeMask};
-use crate::sys::mempolicy;
 use crate::sys::mman::Mmap;
 
 /// A private gmem twice the largest batch: the first half reserves, the second soaks.
@@ -32,20 +31,7 @@ impl Scratch {
     }
 
     fn allocate_on(&self, offset: u64, len: u64, node: NodeId) -> Result<(), MemoryError> {
-        let (mode, nodes) = Policy::Bind(NodeMask::single(node)).to_raw();
-        mempolicy::mbind(
-            &self.map,
-            offset as usize,
-            len as usize,
-            mode,
-            nodes.as_raw(),
-            0,
-        )
-        .map_err(|source| MemoryError::Mbind {
-            offset,
-            len,
-            source,
-        })?;
+        Policy::Bind(NodeMask::single(node)).apply(&self.map, offset, len)?;
         self.gmem.allocate(offset, len).inspect_err(|_| {
             let _ = self.gmem.punch(offset, len);
         })

@@ -104,6 +104,15 @@ impl Topology {
         self.nodes.iter().map(|n| n.id).collect()
     }
 
+    /// Online nodes that have memory, ascending (memory-less nodes cannot be targets).
+    pub fn memory_nodes(&self) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|n| n.total_bytes > 0)
+            .map(|n| n.id)
+            .collect()
+    }
+
     /// Looks up an online node.
     pub fn node(&self, id: NodeId) -> Option<&Node> {
         self.nodes.iter().find(|n| n.id == id)

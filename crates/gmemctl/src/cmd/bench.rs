@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gmem::memory::{ChunkLayout, GmemFlags, GuestMemfd, GuestMemory, MemoryError, page_size};
+use gmem::memory::{ChunkLayout, GmemFlags, GuestMemory, MemoryError, page_size};
 use gmem::migrate::{
     MechanismChoice, MechanismKind, MigrateError, MigrationReport, MigrationRequest, Migrator,
     NothingToQuiesce, PlacementPolicy, StopStats, Verify,
@@ -15,12 +15,11 @@ use gmem::sys::mman::Mmap;
 use gmem::testing::{fill_seed_pattern, first_seed_mismatch};
 use serde::Serialize;
 
+use crate::cmd::host::{CHUNK, TestHost, check_chunked_size};
 use crate::error::CliError;
 use crate::table::{Table, mib};
 use crate::units::{parse_duration, parse_size};
 
-/// Chunk size of the remap layout, and batch size of the naive baseline.
-const CHUNK: u64 = 2 << 20;
 /// Spare chunks for remap: enough to keep allocation ahead of the copies.
 const SPARE_CHUNKS: u64 = 8;
 /// Largest buffer the memcpy baseline copies.
@@ -83,25 +82,14 @@ struct Bench {
 
 /// Runs the benchmark and prints its table.
 pub fn run(kvm_device: &Path, args: Args) -> Result<(), CliError> {
-    if args.size < CHUNK || !args.size.is_multiple_of(CHUNK) {
-        return Err(CliError::InvalidArgument(format!(
-            "--size {} is not a positive multiple of 2 MiB",
-            args.size
-        )));
-    }
-    let kvm = gmem::kvm::open(kvm_device)?;
-    let vm = Arc::new(gmem::kvm::create_vm(&kvm)?);
-    let flags = GuestMemfd::host_mappable_flags(&vm).ok_or(MemoryError::NotHostMappable {
-        flags: GmemFlags::NONE,
-    })?;
-    let topology = Topology::read().map_err(MemoryError::from)?;
-    let nodes: Vec<NodeId> = topology
-        .nodes
-        .iter()
-        .filter(|n| n.total_bytes > 0)
-        .map(|n| n.id)
-        .collect();
-    let (from, to) = (nodes[0], nodes.get(1).copied().unwrap_or(nodes[0]));
+    check_chunked_size(args.size)?;
+    let TestHost {
+        vm,
+        flags,
+        topology,
+        home: from,
+        away: to,
+    } = TestHost::open(kvm_device)?;
 
     let memcpy_gbps = memcpy_bandwidth(args.size.min(MEMCPY_BYTES))?;
     let naive = naive_refault(&vm, flags, args.size)?;

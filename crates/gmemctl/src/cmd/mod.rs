@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod demo;
+pub mod host;
 pub mod migrate;
 pub mod probe;
 pub mod run;

@@ -8,21 +8,19 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use gmem::memory::{ChunkLayout, GmemFlags, GuestMemfd, GuestMemory, Policy, page_size};
+use gmem::memory::{ChunkLayout, GmemFlags, GuestMemory, Policy, page_size};
 use gmem::migrate::{
     MechanismChoice, MechanismKind, MigrateError, MigrationReport, MigrationRequest, Migrator,
     NothingToQuiesce, PlacementPolicy,
 };
-use gmem::numa::{NodeId, NodeMask, NumaMaps, Topology};
+use gmem::numa::{NodeId, NodeMask, NumaMaps};
 use gmem::testing::{can_read_pfns, fill_seed_pattern, first_seed_mismatch};
 use serde::Serialize;
 
+use crate::cmd::host::{CHUNK, TestHost, check_chunked_size};
 use crate::error::CliError;
 use crate::table::{Table, mib};
 use crate::units::parse_size;
-
-/// Chunk size of the remap layout.
-const CHUNK: u64 = 2 << 20;
 
 /// Options of `gmemctl selftest`.
 #[derive(Debug, clap::Args)]
@@ -93,27 +91,14 @@ struct Selftest {
 
 /// Runs the selftest for each mechanism and prints the results.
 pub fn run(kvm_device: &Path, args: Args) -> Result<(), CliError> {
-    if args.size < CHUNK || !args.size.is_multiple_of(CHUNK) {
-        return Err(CliError::InvalidArgument(format!(
-            "--size {} is not a positive multiple of 2 MiB: the remap layout uses 2 MiB chunks",
-            args.size
-        )));
-    }
-    let kvm = gmem::kvm::open(kvm_device)?;
-    let vm = Arc::new(gmem::kvm::create_vm(&kvm)?);
-    let flags =
-        GuestMemfd::host_mappable_flags(&vm).ok_or(gmem::memory::MemoryError::NotHostMappable {
-            flags: GuestMemfd::supported_flags(&vm).unwrap_or_default(),
-        })?;
-    let topology = Topology::read().map_err(gmem::memory::MemoryError::from)?;
-    let nodes: Vec<NodeId> = topology
-        .nodes
-        .iter()
-        .filter(|n| n.total_bytes > 0)
-        .map(|n| n.id)
-        .collect();
-    let home = nodes[0];
-    let away = nodes.get(1).copied().unwrap_or(home);
+    check_chunked_size(args.size)?;
+    let TestHost {
+        vm,
+        flags,
+        home,
+        away,
+        ..
+    } = TestHost::open(kvm_device)?;
     let mechanisms = if args.mechanism.is_empty() {
         MechanismKind::ALL.to_vec()
     } else {
