@@ -70,6 +70,10 @@ pub struct Args {
     /// relocate memory on a one-node host.
     #[arg(long)]
     relocate_in_place: bool,
+    /// Largest share of time the guest may spend stopped while memory moves, e.g. 0.1
+    /// (the engine waits between steps); without it, steps run back to back.
+    #[arg(long, value_name = "SHARE", value_parser = parse_share)]
+    max_stop_share: Option<f64>,
     /// What to verify after every step.
     #[arg(long, value_enum, default_value = "full")]
     verify: VerifyArg,
@@ -81,6 +85,14 @@ pub struct Args {
 /// Node or CPU numbers from a list such as "0-2,5".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NumberList(pub Vec<u32>);
+
+/// A share in (0, 1], as `--max-stop-share` takes it.
+fn parse_share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(share) if share > 0.0 && share <= 1.0 => Ok(share),
+        _ => Err(format!("'{text}' is not a share in (0, 1], e.g. 0.1")),
+    }
+}
 
 /// Parses "0-2,5" into [0, 1, 2, 5]. Numbers are checked by the API, not here.
 pub fn parse_list(text: &str) -> Result<NumberList, String> {
@@ -121,6 +133,7 @@ impl Args {
         body.mechanism = self.mechanism.into();
         body.max_stop_us = u64::try_from(self.max_stop.as_micros()).unwrap_or(u64::MAX);
         body.relocate_in_place = self.relocate_in_place;
+        body.max_stop_share = self.max_stop_share;
         body.verify = match self.verify {
             VerifyArg::Full => Verify::Full,
             VerifyArg::Placement => Verify::Placement,

@@ -120,7 +120,7 @@ fn default_max_stop_us() -> u64 {
 /// `bind` and `drain` take exactly one node in `nodes`, `interleave` one or more, and
 /// `follow` takes `cpus` instead: `{"policy":"bind","nodes":[1]}`,
 /// `{"policy":"follow","cpus":[0,1]}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateBody {
     /// Where memory should go.
@@ -140,6 +140,10 @@ pub struct MigrateBody {
     /// Also move pages already on their target node (new frames on the same node).
     #[serde(default)]
     pub relocate_in_place: bool,
+    /// Largest share of time the guest may spend stopped while memory moves, in (0, 1]:
+    /// the engine waits between steps to keep to it. Absent: steps run back to back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_stop_share: Option<f64>,
     /// What to check after every step: full (placement, PFNs and content hashes),
     /// placement, or off.
     #[serde(default)]
@@ -156,6 +160,7 @@ impl MigrateBody {
             mechanism: MechanismName::Auto,
             max_stop_us: default_max_stop_us(),
             relocate_in_place: false,
+            max_stop_share: None,
             verify: Verify::Full,
         }
     }
@@ -168,6 +173,14 @@ impl MigrateBody {
                 "max_stop_us {} is outside 1..={MAX_STOP_US_LIMIT}: it is the longest the guest \
                  may be stopped per step, in microseconds",
                 self.max_stop_us
+            ));
+        }
+        if let Some(share) = self.max_stop_share
+            && !(share > 0.0 && share <= 1.0)
+        {
+            return invalid(format!(
+                "max_stop_share {share} is outside (0, 1]: it is the largest share of time the \
+                 guest may spend stopped, e.g. 0.1"
             ));
         }
         let policy = match self.policy {
@@ -245,6 +258,7 @@ impl MigrateBody {
         request.max_stop = Duration::from_micros(self.max_stop_us);
         request.verify = self.verify;
         request.relocate_in_place = self.relocate_in_place;
+        request.max_stop_share = self.max_stop_share;
         Ok(request)
     }
 
@@ -276,6 +290,7 @@ impl MigrateBody {
             mechanism: request.mechanism.into(),
             max_stop_us: u64::try_from(request.max_stop.as_micros()).unwrap_or(u64::MAX),
             relocate_in_place: request.relocate_in_place,
+            max_stop_share: request.max_stop_share,
             verify: request.verify,
         }
     }
@@ -459,7 +474,7 @@ mod tests {
     fn a_full_migration_body_parses() {
         let request = match put_migrate(
             r#"{"policy":"bind","nodes":[1],"mechanism":"remap","max_stop_us":500,
-                "relocate_in_place":true,"verify":"placement"}"#,
+                "relocate_in_place":true,"max_stop_share":0.2,"verify":"placement"}"#,
         ) {
             Ok(ApiRequest::Migrate(r)) => *r,
             other => panic!("{other:?}"),
@@ -471,6 +486,7 @@ mod tests {
         );
         assert_eq!(request.max_stop, Duration::from_micros(500));
         assert!(request.relocate_in_place);
+        assert_eq!(request.max_stop_share, Some(0.2));
         assert_eq!(request.verify, Verify::Placement);
         let echo = MigrateBody::from_request(&request);
         assert_eq!(echo.validate().unwrap(), request);
@@ -562,6 +578,14 @@ mod tests {
     #[test]
     fn absurd_values_are_400_with_a_sentence() {
         for (body, needle) in [
+            (
+                r#"{"policy":"bind","nodes":[1],"max_stop_share":0}"#,
+                "max_stop_share 0 is outside (0, 1]",
+            ),
+            (
+                r#"{"policy":"bind","nodes":[1],"max_stop_share":1.5}"#,
+                "max_stop_share 1.5 is outside (0, 1]",
+            ),
             (
                 r#"{"policy":"bind","nodes":[1],"max_stop_us":0}"#,
                 "max_stop_us 0",
