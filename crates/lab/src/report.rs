@@ -27,6 +27,17 @@ pub enum Status {
     Skip,
 }
 
+impl Status {
+    /// Pass when a check found no problems, fail otherwise.
+    pub fn pass_if(no_problems: bool) -> Status {
+        if no_problems {
+            Status::Pass
+        } else {
+            Status::Fail
+        }
+    }
+}
+
 /// One test's result, as the agent prints it and the runner reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TestResult {

@@ -294,11 +294,7 @@ pub fn anon_control() -> Result<Verdict, GuestError> {
         problems.push("page contents changed");
     }
     Ok(Verdict {
-        status: if problems.is_empty() {
-            Status::Pass
-        } else {
-            Status::Fail
-        },
+        status: Status::pass_if(problems.is_empty()),
         detail: json!({
             "pages": PAGES,
             "nodes_before": histogram(&before),
@@ -361,11 +357,7 @@ pub fn gmem_stock() -> Result<Verdict, GuestError> {
         Err(e) => format!("move_pages failed: {e}"),
     };
     Ok(Verdict {
-        status: if problems.is_empty() {
-            Status::Pass
-        } else {
-            Status::Fail
-        },
+        status: Status::pass_if(problems.is_empty()),
         detail: json!({
             "pages": PAGES,
             "gmem_flags": flags.to_string(),
@@ -392,20 +384,24 @@ pub fn gmem_stock() -> Result<Verdict, GuestError> {
 /// Lines of output an `exec:` test keeps in its detail.
 const EXEC_TAIL: usize = 40;
 
-/// `exec:<command>`: runs the command (via /bin/sh), echoes its output to the console
-/// indented, and reports pass on exit 0, skip on 4 (kselftest), fail otherwise.
-pub fn exec(command: &str) -> Result<Verdict, GuestError> {
-    let spawn_err = |source| GuestError::Spawn {
-        command: command.to_owned(),
-        source,
-    };
-    let mut child = Command::new("/bin/sh")
+/// Starts `command` under /bin/sh with stderr folded into a piped stdout.
+pub(super) fn spawn_shell(command: &str) -> Result<std::process::Child, GuestError> {
+    Command::new("/bin/sh")
         .arg("-c")
         .arg(format!("exec {command} 2>&1"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
-        .map_err(spawn_err)?;
+        .map_err(|source| GuestError::Spawn {
+            command: command.to_owned(),
+            source,
+        })
+}
+
+/// `exec:<command>`: runs the command (via /bin/sh), echoes its output to the console
+/// indented, and reports pass on exit 0, skip on 4 (kselftest), fail otherwise.
+pub fn exec(command: &str) -> Result<Verdict, GuestError> {
+    let mut child = spawn_shell(command)?;
     let mut tail = VecDeque::new();
     let mut totals = None;
     if let Some(out) = child.stdout.take() {
@@ -422,7 +418,10 @@ pub fn exec(command: &str) -> Result<Verdict, GuestError> {
             tail.push_back(line);
         }
     }
-    let status = child.wait().map_err(spawn_err)?;
+    let status = child.wait().map_err(|source| GuestError::Spawn {
+        command: command.to_owned(),
+        source,
+    })?;
     let verdict = match status.code() {
         Some(0) => Status::Pass,
         Some(4) => Status::Skip,

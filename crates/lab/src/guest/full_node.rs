@@ -416,11 +416,7 @@ pub fn full_node() -> Result<Verdict, GuestError> {
         ));
     }
     Ok(Verdict {
-        status: if problems.is_empty() {
-            Status::Pass
-        } else {
-            Status::Fail
-        },
+        status: Status::pass_if(problems.is_empty()),
         detail: json!({
             "guest_bytes": GUEST,
             "headroom_left_by_hog": HEADROOM,

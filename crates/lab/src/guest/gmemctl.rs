@@ -105,11 +105,7 @@ fn tail(text: &str, max: usize) -> &str {
 
 fn verdict(problems: &[String], detail: Value) -> Verdict {
     Verdict {
-        status: if problems.is_empty() {
-            Status::Pass
-        } else {
-            Status::Fail
-        },
+        status: Status::pass_if(problems.is_empty()),
         detail,
     }
 }

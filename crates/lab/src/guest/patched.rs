@@ -75,11 +75,7 @@ pub fn is_known(name: &str) -> bool {
 fn verdict(problems: &[String], mut detail: Value) -> Verdict {
     detail["problems"] = json!(problems);
     Verdict {
-        status: if problems.is_empty() {
-            Status::Pass
-        } else {
-            Status::Fail
-        },
+        status: Status::pass_if(problems.is_empty()),
         detail,
     }
 }
@@ -170,17 +166,7 @@ fn run_echoed(
         .chain(args.iter().copied())
         .collect::<Vec<_>>()
         .join(" ");
-    let spawn_err = |source| GuestError::Spawn {
-        command: command.clone(),
-        source,
-    };
-    let mut child = Command::new("/bin/sh")
-        .arg("-c")
-        .arg(format!("exec {command} 2>&1"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(spawn_err)?;
+    let mut child = super::checks::spawn_shell(&command)?;
     let mut all = String::new();
     if let Some(out) = child.stdout.take() {
         let mut console = io::stdout();
@@ -191,7 +177,10 @@ fn run_echoed(
             all.push('\n');
         }
     }
-    let status = child.wait().map_err(spawn_err)?;
+    let status = child.wait().map_err(|source| GuestError::Spawn {
+        command: command.clone(),
+        source,
+    })?;
     Ok((
         status.code(),
         std::os::unix::process::ExitStatusExt::signal(&status),
