@@ -6,6 +6,8 @@ use gmem::kvm::KvmError;
 use gmem::memory::MemoryError;
 use gmem::migrate::QuiesceError;
 
+use crate::linux::LinuxError;
+
 /// A failed VM operation.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -63,6 +65,9 @@ pub enum VmError {
     /// The guest's tables and code could not be written into its memory.
     #[error("cannot load the built-in guest into guest memory")]
     LoadGuest(#[source] MemoryError),
+    /// The Linux guest could not be set up.
+    #[error("cannot boot the Linux guest")]
+    BootLinux(#[source] LinuxError),
     /// The vCPU kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler")]
     InstallKickHandler(#[source] io::Error),

@@ -94,6 +94,7 @@ pub(crate) struct VmCounters {
     started: Instant,
     vcpus_launched: OnceLock<Duration>,
     first_port_write: OnceLock<Duration>,
+    guest_reset: OnceLock<Duration>,
     pub(crate) vcpus: Vec<VcpuCounters>,
     mismatch_reports: Mutex<Vec<MismatchReport>>,
     stop_latency: Mutex<LatencyHistogram>,
@@ -107,6 +108,7 @@ impl VmCounters {
             started,
             vcpus_launched: OnceLock::new(),
             first_port_write: OnceLock::new(),
+            guest_reset: OnceLock::new(),
             vcpus: slices.iter().copied().map(VcpuCounters::new).collect(),
             mismatch_reports: Mutex::new(Vec::new()),
             stop_latency: Mutex::new(LatencyHistogram::default()),
@@ -123,6 +125,11 @@ impl VmCounters {
     /// The guest wrote to a port; the first such write marks the end of startup.
     pub(crate) fn port_written(&self) {
         self.first_port_write.get_or_init(|| self.started.elapsed());
+    }
+
+    /// The guest asked for a reset (a Linux guest rebooted or powered off).
+    pub(crate) fn guest_reset(&self) {
+        self.guest_reset.get_or_init(|| self.started.elapsed());
     }
 
     /// Keeps a mismatch's details (the first few only).
@@ -178,6 +185,7 @@ impl VmCounters {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             vcpus_launched_us: self.vcpus_launched.get().map(|d| d.as_micros() as u64),
             first_port_write_us: self.first_port_write().map(|d| d.as_micros() as u64),
+            guest_reset_ms: self.guest_reset.get().map(|d| d.as_millis() as u64),
             sweeps: vcpus.iter().map(|v| v.sweeps).sum(),
             bytes_verified: vcpus.iter().map(|v| v.bytes_verified).sum(),
             mismatches: vcpus.iter().map(|v| v.mismatches).sum(),
@@ -201,6 +209,9 @@ pub struct Metrics {
     pub vcpus_launched_us: Option<u64>,
     /// Microseconds from `Vm::start` to the guest's first port write (`None` until then).
     pub first_port_write_us: Option<u64>,
+    /// Milliseconds from `Vm::start` until the guest asked for a reset, which stops the VM
+    /// (`None` while it has not).
+    pub guest_reset_ms: Option<u64>,
     /// Per-vCPU progress.
     pub vcpus: Vec<VcpuMetrics>,
     /// Sweeps of all vCPUs.
@@ -236,7 +247,7 @@ pub struct VcpuMetrics {
     pub bytes_verified: u64,
     /// Words it found wrong.
     pub mismatches: u64,
-    /// VM exits it took (port writes, kicks).
+    /// VM exits it took (port accesses, kicks, MMIO).
     pub exits: u64,
     /// Why it stopped running the guest, if it did.
     pub failure: Option<String>,

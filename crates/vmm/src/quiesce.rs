@@ -239,16 +239,20 @@ impl RunControl {
         lock(&self.state).shutting_down
     }
 
+    /// Tells every vCPU thread to leave its run loop, without waiting: what a vCPU does when
+    /// the guest asks for a reset. Pauses fail from then on.
+    pub(crate) fn begin_shutdown(&self) {
+        let mut state = lock(&self.state);
+        state.shutting_down = true;
+        self.stop_requested.store(true, Ordering::SeqCst);
+        self.changed.notify_all();
+        self.kick(state.running());
+    }
+
     /// Stops every vCPU thread for good and joins them. Returns the indexes of threads that
     /// panicked. Idempotent.
     pub(crate) fn shut_down(&self) -> Vec<usize> {
-        {
-            let mut state = lock(&self.state);
-            state.shutting_down = true;
-            self.stop_requested.store(true, Ordering::SeqCst);
-            self.changed.notify_all();
-            self.kick(state.running());
-        }
+        self.begin_shutdown();
         let threads = std::mem::take(&mut *lock(&self.threads));
         threads
             .into_iter()

@@ -1,4 +1,5 @@
-//! A vCPU thread: runs the guest, turns its port writes into metrics, parks when told.
+//! A vCPU thread: runs the guest, hands its port I/O to the built-in guest's reports or to
+//! a Linux guest's devices, parks when told.
 
 use std::io;
 use std::sync::Arc;
@@ -8,14 +9,31 @@ use gmem::sys::signal::KickableVcpu;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::guest::abi::{PORT_HELLO, PORT_MISMATCH, PORT_SWEEP_DONE};
+use crate::linux::devices::{LegacyDevices, PortOutcome};
 use crate::metrics::{MismatchReport, VmCounters};
 use crate::quiesce::{Checkpoint, RunControl};
+
+/// What the guest's port I/O and MMIO reach.
+#[derive(Debug, Clone)]
+pub(crate) enum Platform {
+    /// The built-in guest: its report ports, and nothing else.
+    BuiltIn,
+    /// A Linux guest: the legacy devices; MMIO nobody claims reads all ones.
+    Linux(Arc<LegacyDevices>),
+}
 
 /// What a VM exit meant, copied out of the kvm_run area so the vCPU can be used again.
 #[derive(Debug)]
 enum Event {
-    /// `out` to `port` with up to 4 bytes of data (little-endian).
+    /// The built-in guest's `out` to `port` with up to 4 bytes of data (little-endian).
     PortWrite { port: u16, value: u32 },
+    /// KVM gave up on the guest (KVM_EXIT_INTERNAL_ERROR), typically an instruction it
+    /// could not emulate.
+    InternalError,
+    /// A device handled the exit.
+    Handled,
+    /// The guest asked for a reset; the VM stops.
+    Reset,
     /// A kick: KVM_RUN returned EINTR.
     Kicked,
     /// Anything else: the guest can no longer run.
@@ -26,6 +44,7 @@ enum Event {
 pub(crate) fn spawn(
     index: usize,
     vcpu: VcpuFd,
+    platform: Platform,
     control: Arc<RunControl>,
     counters: Arc<VmCounters>,
 ) -> io::Result<JoinHandle<()>> {
@@ -37,7 +56,7 @@ pub(crate) fn spawn(
                 index,
                 control: &control,
             };
-            if let Err(reason) = run(index, vcpu, &control, &counters) {
+            if let Err(reason) = run(index, vcpu, &platform, &control, &counters) {
                 counters.vcpus[index].fail(reason);
             }
         })
@@ -55,10 +74,11 @@ impl Drop for ExitGuard<'_> {
     }
 }
 
-/// The run loop. Returns `Ok` on shutdown, or why the guest stopped.
+/// The run loop. Returns `Ok` on shutdown (or the guest's reset), or why the guest stopped.
 fn run(
     index: usize,
     vcpu: VcpuFd,
+    platform: &Platform,
     control: &RunControl,
     counters: &VmCounters,
 ) -> Result<(), String> {
@@ -69,8 +89,8 @@ fn run(
         if control.checkpoint(index) == Checkpoint::Exit {
             return Ok(());
         }
-        let event = match vcpu.run() {
-            Ok(VcpuExit::IoOut(port, data)) => {
+        let event = match (vcpu.run(), platform) {
+            (Ok(VcpuExit::IoOut(port, data)), Platform::BuiltIn) => {
                 let mut bytes = [0u8; 4];
                 let n = data.len().min(4);
                 bytes[..n].copy_from_slice(&data[..n]);
@@ -79,21 +99,56 @@ fn run(
                     value: u32::from_le_bytes(bytes),
                 }
             }
-            Ok(VcpuExit::Shutdown) => Event::Fatal(
+            (Ok(VcpuExit::IoOut(port, data)), Platform::Linux(devices)) => {
+                counters.port_written();
+                match devices.write(port, data) {
+                    PortOutcome::Continue => Event::Handled,
+                    PortOutcome::Reset => Event::Reset,
+                }
+            }
+            (Ok(VcpuExit::IoIn(port, data)), Platform::Linux(devices)) => {
+                devices.read(port, data);
+                Event::Handled
+            }
+            (Ok(VcpuExit::MmioRead(_, data)), Platform::Linux(_)) => {
+                data.fill(0xFF);
+                Event::Handled
+            }
+            (Ok(VcpuExit::MmioWrite(..)), Platform::Linux(_)) => Event::Handled,
+            // A triple fault resets a PC; Linux uses one as its last way to reboot.
+            (Ok(VcpuExit::Shutdown), Platform::Linux(_)) => Event::Reset,
+            (Ok(VcpuExit::Shutdown), Platform::BuiltIn) => Event::Fatal(
                 "the guest triple-faulted (KVM_EXIT_SHUTDOWN): it took an exception, and it \
                  has no IDT"
                     .into(),
             ),
-            Ok(VcpuExit::MemoryFault { flags, gpa, size }) => Event::Fatal(format!(
+            (Ok(VcpuExit::MemoryFault { flags, gpa, size }), _) => Event::Fatal(format!(
                 "KVM could not map guest memory at {gpa:#x} (+{size:#x}, flags {flags:#x})"
             )),
-            Ok(other) => Event::Fatal(format!("unexpected VM exit {other:?}")),
-            Err(e) if e.errno() == libc::EINTR => Event::Kicked,
-            Err(e) => Event::Fatal(format!("KVM_RUN failed: {e}")),
+            (Ok(VcpuExit::InternalError), _) => Event::InternalError,
+            (Ok(other), _) => Event::Fatal(format!("unexpected VM exit {other:?}")),
+            (Err(e), _) if e.errno() == libc::EINTR => Event::Kicked,
+            (Err(e), _) => Event::Fatal(format!("KVM_RUN failed: {e}")),
         };
         stats.exit();
         match event {
             Event::Kicked => vcpu.clear_immediate_exit(),
+            Event::Handled => {}
+            Event::InternalError => {
+                let at = vcpu.fd().get_regs().map_or_else(
+                    |e| format!("(KVM_GET_REGS failed: {e})"),
+                    |regs| format!("at RIP {:#x}", regs.rip),
+                );
+                return Err(format!(
+                    "KVM could not continue the guest (KVM_EXIT_INTERNAL_ERROR) {at}, e.g. an \
+                     instruction it cannot emulate"
+                ));
+            }
+            Event::Reset => {
+                counters.guest_reset();
+                control.begin_shutdown();
+                return Ok(());
+            }
             Event::PortWrite { port, value } => {
                 counters.port_written();
                 match port {

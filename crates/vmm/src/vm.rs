@@ -1,4 +1,5 @@
-//! `Vm`: a running VM with the built-in guest, its gmem memory, vCPU threads and metrics.
+//! `Vm`: a running VM (the built-in guest or Linux), its gmem memory, vCPU threads and
+//! metrics.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,9 +17,10 @@ use crate::error::VmError;
 use crate::guest::abi::EntryArgs;
 use crate::guest::layout::{self, Slice};
 use crate::guest::{self, cpu};
+use crate::linux::{self, LinuxGuest, loader::Entry};
 use crate::metrics::{Metrics, VmCounters, VmState};
 use crate::quiesce::{Hold, RunControl, VmQuiesce};
-use crate::vcpu;
+use crate::vcpu::{self, Platform};
 
 /// A running VM. Dropping it shuts it down.
 #[derive(Debug)]
@@ -28,11 +30,13 @@ pub struct Vm {
     quiesce: VmQuiesce,
     counters: Arc<VmCounters>,
     slot_zap_all_disabled: bool,
+    linux: Option<LinuxGuest>,
 }
 
 impl Vm {
-    /// Creates the VM, its gmem-backed memory (one memslot per chunk), loads the built-in
-    /// guest and starts one thread per vCPU. Returns as soon as the threads run.
+    /// Creates the VM, its gmem-backed memory (one memslot per chunk), loads the guest (the
+    /// built-in one, or the Linux kernel of `config.linux`) and starts one thread per vCPU.
+    /// Returns as soon as the threads run.
     pub fn start(config: VmConfig) -> Result<Vm, VmError> {
         let started = Instant::now();
         config.validate().map_err(VmError::InvalidConfig)?;
@@ -41,6 +45,9 @@ impl Vm {
         check_host_limits(&kvm, &config)?;
         let vm_fd = Arc::new(gmem::kvm::create_vm(&kvm).map_err(VmError::CreateVm)?);
         let slot_zap_all_disabled = disable_slot_zap_all(&vm_fd)?;
+        if config.linux.is_some() {
+            linux::create_platform(&vm_fd).map_err(VmError::BootLinux)?;
+        }
 
         let layout = ChunkLayout::chunked(config.mem_size, config.chunk_size, config.spare_chunks);
         // MIGRATABLE too where the kernel offers it, so the kernel's own migration (native)
@@ -50,12 +57,32 @@ impl Vm {
             .map_err(VmError::CreateMemory)?;
         memory.bind_to_vm().map_err(VmError::BindMemory)?;
         let memory = Arc::new(memory);
-        guest::load(&memory, config.mem_size)?;
+        let linux = match &config.linux {
+            Some(boot) => Some(
+                linux::load(&vm_fd, &memory, config.mem_size, config.vcpus, boot)
+                    .map_err(VmError::BootLinux)?,
+            ),
+            None => {
+                guest::load(&memory, config.mem_size)?;
+                None
+            }
+        };
 
         let kick_signal = signal::kick_signal();
         signal::install_kick_handler(kick_signal).map_err(VmError::InstallKickHandler)?;
-        let slices = layout::vcpu_slices(config.mem_size, config.vcpus);
-        let vcpus = create_vcpus(&kvm, &vm_fd, &slices)?;
+        let (platform, slices, vcpus) = match &linux {
+            None => {
+                let slices = layout::vcpu_slices(config.mem_size, config.vcpus);
+                let vcpus = create_vcpus(&kvm, &vm_fd, &slices)?;
+                (Platform::BuiltIn, slices, vcpus)
+            }
+            Some(guest) => {
+                // Linux checks no slice of its own; the counters keep one empty slice each.
+                let slices = vec![Slice { start: 0, len: 0 }; config.vcpus as usize];
+                let vcpus = create_linux_vcpus(&kvm, &vm_fd, config.vcpus, guest.loaded.entry)?;
+                (Platform::Linux(Arc::clone(&guest.devices)), slices, vcpus)
+            }
+        };
 
         let counters = Arc::new(VmCounters::new(started, &slices));
         let control = Arc::new(RunControl::new(
@@ -65,7 +92,14 @@ impl Vm {
         ));
         let mut threads = Vec::with_capacity(vcpus.len());
         for (index, vcpu) in vcpus.into_iter().enumerate() {
-            match vcpu::spawn(index, vcpu, Arc::clone(&control), Arc::clone(&counters)) {
+            let platform = platform.clone();
+            match vcpu::spawn(
+                index,
+                vcpu,
+                platform,
+                Arc::clone(&control),
+                Arc::clone(&counters),
+            ) {
                 Ok(thread) => threads.push(thread),
                 Err(source) => {
                     control.adopt_threads(threads);
@@ -85,6 +119,7 @@ impl Vm {
             quiesce: VmQuiesce { control },
             counters,
             slot_zap_all_disabled,
+            linux,
         })
     }
 
@@ -156,15 +191,45 @@ impl Vm {
         self.counters.snapshot(self.state())
     }
 
+    /// Where a Linux guest's kernel and initramfs were loaded (guest physical ranges), and
+    /// the port accesses no device claimed; `None` for the built-in guest.
+    pub fn linux_summary(&self) -> Option<LinuxSummary> {
+        self.linux.as_ref().map(|guest| LinuxSummary {
+            kernel: guest.loaded.kernel,
+            initramfs: guest.loaded.initramfs,
+            protocol: match guest.loaded.entry {
+                Entry::Linux64 { .. } => "linux64",
+                Entry::Pvh { .. } => "pvh",
+            },
+            unclaimed_port_accesses: guest.devices.unclaimed_accesses(),
+        })
+    }
+
     /// Stops the vCPU threads and waits for them. Idempotent; also done on drop.
     pub fn shutdown(&self) -> Result<(), VmError> {
         let panicked = self.quiesce.control.shut_down();
+        if let Some(guest) = &self.linux {
+            guest.devices.flush_console();
+        }
         if panicked.is_empty() {
             Ok(())
         } else {
             Err(VmError::VcpuThreadPanicked { indexes: panicked })
         }
     }
+}
+
+/// How a Linux guest was booted (see [`Vm::linux_summary`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LinuxSummary {
+    /// Guest physical range of the kernel image.
+    pub kernel: (u64, u64),
+    /// Guest physical range of the initramfs.
+    pub initramfs: Option<(u64, u64)>,
+    /// `linux64` (a bzImage through the 64-bit boot protocol) or `pvh`.
+    pub protocol: &'static str,
+    /// Port accesses that reached no emulated device.
+    pub unclaimed_port_accesses: u64,
 }
 
 impl Drop for Vm {
@@ -228,6 +293,28 @@ fn host_ram_bytes() -> Option<u64> {
     let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// Creates the vCPUs of a Linux guest: the first at the kernel's entry, the others waiting
+/// for its startup IPIs.
+fn create_linux_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    count: u32,
+    entry: Entry,
+) -> Result<Vec<VcpuFd>, VmError> {
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(VmError::GetSupportedCpuid)?;
+    (0..count)
+        .map(|index| {
+            let vcpu = vm
+                .create_vcpu(u64::from(index))
+                .map_err(|source| VmError::CreateVcpu { index, source })?;
+            linux::setup_vcpu(&vcpu, index, &supported, entry)?;
+            Ok(vcpu)
+        })
+        .collect()
 }
 
 /// Creates every vCPU and puts it at the workload's entry in 64-bit user mode.

@@ -1,5 +1,5 @@
-//! `gmemctl run`: start the built-in guest and serve the VM's control API until SIGINT or
-//! SIGTERM (or until the guest fails).
+//! `gmemctl run`: start the built-in guest (or a Linux kernel) and serve the VM's control
+//! API until SIGINT or SIGTERM, the guest's reset, or a guest failure.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use vmm::api::ApiServer;
-use vmm::{Vm, VmConfig, VmState};
+use vmm::{LinuxBoot, Vm, VmConfig, VmState};
 
 use crate::error::CliError;
 use crate::table::mib;
@@ -38,9 +38,38 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
     /// VM configuration as JSON: the "config" object of `GET /vm` (mem_size, vcpus,
-    /// chunk_size, spare_chunks; unknown fields are refused). Flags override it.
+    /// chunk_size, spare_chunks, linux; unknown fields are refused). Flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Boot this Linux kernel instead of the built-in guest: a bzImage, or an ELF vmlinux
+    /// with a PVH note. (Under PVM hosts Linux does not get through boot; nested KVM does.)
+    #[arg(long, value_name = "PATH", help_heading = "Linux guest")]
+    kernel: Option<PathBuf>,
+    /// The Linux guest's initramfs.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "kernel",
+        help_heading = "Linux guest"
+    )]
+    initramfs: Option<PathBuf>,
+    /// The Linux guest's command line [default: "console=ttyS0 reboot=k panic=-1 pci=off
+    /// acpi=off nomodules i8042.noaux i8042.nomux i8042.dumbkbd"].
+    #[arg(
+        long,
+        value_name = "TEXT",
+        requires = "kernel",
+        help_heading = "Linux guest"
+    )]
+    cmdline: Option<String>,
+    /// Append the Linux guest's serial console to this file [default: stdout].
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "kernel",
+        help_heading = "Linux guest"
+    )]
+    console: Option<PathBuf>,
 }
 
 /// Reads a `VmConfig` from a JSON file.
@@ -72,6 +101,24 @@ fn config(args: &Args) -> Result<VmConfig, CliError> {
     }
     if let Some(spare_chunks) = args.spare_chunks {
         config.spare_chunks = spare_chunks;
+    }
+    if let Some(kernel) = &args.kernel {
+        let previous = config.linux.take();
+        config.linux = Some(LinuxBoot {
+            kernel: kernel.clone(),
+            initramfs: args
+                .initramfs
+                .clone()
+                .or_else(|| previous.as_ref().and_then(|l| l.initramfs.clone())),
+            cmdline: args
+                .cmdline
+                .clone()
+                .or_else(|| previous.as_ref().and_then(|l| l.cmdline.clone())),
+            console: args
+                .console
+                .clone()
+                .or_else(|| previous.as_ref().and_then(|l| l.console.clone())),
+        });
     }
     config.validate().map_err(|reason| {
         CliError::InvalidArgument(format!("invalid VM configuration: {reason}"))
@@ -114,8 +161,25 @@ pub fn run(kvm_device: &Path, args: Args) -> Result<(), CliError> {
         config.vcpus
     );
 
+    if let Some(linux) = vm.linux_summary() {
+        eprintln!(
+            "gmemctl run: Linux ({}) kernel at {:#x}..{:#x}{}",
+            linux.protocol,
+            linux.kernel.0,
+            linux.kernel.1,
+            linux
+                .initramfs
+                .map(|(start, end)| format!(", initramfs at {start:#x}..{end:#x}"))
+                .unwrap_or_default()
+        );
+    }
+
     let outcome = loop {
         if stop.load(Ordering::Relaxed) {
+            break Ok(());
+        }
+        if let Some(at_ms) = vm.metrics().guest_reset_ms {
+            eprintln!("gmemctl run: the guest requested a reset after {at_ms} ms; stopping");
             break Ok(());
         }
         if vm.state() == VmState::Failed {
@@ -144,6 +208,13 @@ pub fn run(kvm_device: &Path, args: Args) -> Result<(), CliError> {
     served?;
     stopped?;
     let metrics = vm.metrics();
+    if let Some(linux) = vm.linux_summary() {
+        eprintln!(
+            "gmemctl run: stopped after {} ms; {} port accesses reached no device",
+            metrics.uptime_ms, linux.unclaimed_port_accesses
+        );
+        return Ok(());
+    }
     eprintln!(
         "gmemctl run: stopped after {} ms; the guest verified {} in {} sweeps with {} \
          mismatches",

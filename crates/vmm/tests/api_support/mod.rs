@@ -154,6 +154,7 @@ pub fn small() -> VmConfig {
         vcpus: 2,
         chunk_size: 2 << 20,
         spare_chunks: 4,
+        linux: None,
     }
 }
 
