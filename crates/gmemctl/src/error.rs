@@ -128,6 +128,7 @@ fn vm_user_error(error: &vmm::VmError) -> bool {
         | vmm::VmError::TooManyChunks { .. }
         | vmm::VmError::NotEnoughHostMemory { .. } => true,
         vmm::VmError::OpenKvm(e) => e.is_user_error(),
+        vmm::VmError::BootLinux(e) => e.is_user_error(),
         _ => false,
     }
 }

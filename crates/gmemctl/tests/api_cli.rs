@@ -313,3 +313,91 @@ fn run_refuses_bad_configurations_with_exit_code_2() {
     }
     assert!(!Path::new(sock).exists());
 }
+
+#[test]
+fn run_boots_a_linux_kernel_and_exits_when_it_resets() {
+    if kvm_or_skip("run_boots_a_linux_kernel_and_exits_when_it_resets").is_none() {
+        return;
+    }
+    let dir = TempDir::new("linux-run");
+    let kernel = dir.0.join("bzImage");
+    let initramfs = dir.0.join("initramfs");
+    let console = dir.0.join("console");
+    let config = dir.0.join("vm.json");
+    std::fs::write(&kernel, vmm::linux::stand_in::bzimage().unwrap()).unwrap();
+    std::fs::write(&initramfs, b"cpio").unwrap();
+    // The kernel comes from the config file, the command line from a flag that overrides it.
+    std::fs::write(
+        &config,
+        serde_json::json!({
+            "mem_size": 64 << 20,
+            "vcpus": 1,
+            "linux": {"kernel": kernel, "initramfs": initramfs, "cmdline": "from-file"},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let out = gmemctl(&[
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 from-flag",
+        "--console",
+        console.to_str().unwrap(),
+        "--api-sock",
+        dir.0.join("api.sock").to_str().unwrap(),
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("Linux (linux64) kernel at 0x100000"), "{err}");
+    assert!(err.contains("the guest requested a reset"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&console).unwrap(),
+        format!(
+            "console=ttyS0 from-flag|cpio{}",
+            vmm::linux::stand_in::EXPECTED_CONSOLE_TAIL
+        )
+    );
+}
+
+#[test]
+fn run_refuses_kernels_it_cannot_boot_with_exit_code_2() {
+    let dir = TempDir::new("linux-refusals");
+    let sock = dir.0.join("api.sock");
+    let sock = sock.to_str().unwrap();
+    let out = gmemctl(&["run", "--initramfs", "/x", "--api-sock", sock]);
+    assert_user_error(&out, "--kernel");
+    let out = gmemctl(&["run", "--kernel", "k", "--mem", "4G", "--api-sock", sock]);
+    assert_user_error(&out, "below the 3 GiB mark");
+    if kvm_or_skip("run_refuses_kernels_it_cannot_boot").is_none() {
+        return;
+    }
+    let short = dir.0.join("short");
+    std::fs::write(&short, b"MZ").unwrap();
+    let zeros = dir.0.join("zeros");
+    std::fs::write(&zeros, vec![0u8; 8192]).unwrap();
+    let cases = [
+        (
+            "/nonexistent/bzImage",
+            "cannot open the kernel /nonexistent/bzImage",
+        ),
+        (short.to_str().unwrap(), "is too short to be a kernel"),
+        (zeros.to_str().unwrap(), "is not a kernel this VMM can boot"),
+    ];
+    for (kernel, needle) in cases {
+        let out = gmemctl(&[
+            "run",
+            "--kernel",
+            kernel,
+            "--mem",
+            "64M",
+            "--api-sock",
+            sock,
+        ]);
+        assert_user_error(&out, needle);
+    }
+    assert!(!Path::new(sock).exists());
+}

@@ -118,14 +118,14 @@ impl<W: Write> NewcWriter<W> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// One parsed entry: (name, mode, rdev major, rdev minor, data).
-    type Entry = (String, u32, u32, u32, Vec<u8>);
+    pub(crate) type Entry = (String, u32, u32, u32, Vec<u8>);
 
     /// A minimal newc reader, independent of the writer, checking alignment as it goes.
-    fn parse(mut buf: &[u8]) -> Vec<Entry> {
+    pub(crate) fn parse(mut buf: &[u8]) -> Vec<Entry> {
         let total = buf.len();
         let mut out = Vec::new();
         let field = |h: &[u8], i: usize| {

@@ -1,4 +1,5 @@
-//! Builds the lab's gzip'd newc initramfs: busybox, the static agent, KVM modules and /init.
+//! Builds the lab's gzip'd newc initramfs: busybox, the static agent, KVM modules, /init, and
+//! what the linux-guest test boots under gmemctl's microVM (a kernel and its own initramfs).
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
@@ -44,12 +45,21 @@ pub enum InitramfsError {
     },
 }
 
+/// Where the lab guest finds the kernel for a Linux guest of its own (the linux-guest test).
+pub const L2_KERNEL: &str = "/lab/vmlinuz";
+/// Where the lab guest finds that guest's initramfs: the agent as /init, in its memcheck role.
+pub const L2_INITRAMFS: &str = "/lab/memcheck.cpio.gz";
+
 /// What goes into the initramfs.
 #[derive(Debug, Clone)]
 pub struct Contents {
     pub busybox: PathBuf,
-    /// A static `gmem-lab`, installed as /bin/gmem-lab and run as `gmem-lab guest <test>`.
+    /// A static `gmem-lab`, installed as /bin/gmem-lab and run as `gmem-lab guest <test>`,
+    /// and as /init of [`L2_INITRAMFS`].
     pub agent: PathBuf,
+    /// The kernel the lab guest boots, installed as [`L2_KERNEL`] so that gmemctl's microVM
+    /// can boot it too.
+    pub l2_kernel: PathBuf,
     /// Other executables as (name in /bin, path): a static gmemctl, a kernel selftest, ...
     pub bins: Vec<(String, PathBuf)>,
     /// (module name, decompressed .ko), loaded with insmod in this order. Empty for a kernel
@@ -166,6 +176,18 @@ fn read_static_exe(path: &Path) -> Result<Vec<u8>, InitramfsError> {
     }
 }
 
+/// The gzip'd newc initramfs of the linux-guest test's Linux guest: `agent` (the static
+/// gmem-lab, which runs as /init in its memcheck role), /dev/console, /proc and /tmp.
+pub fn memcheck_initramfs(agent: &[u8]) -> io::Result<Vec<u8>> {
+    let mut w = NewcWriter::new(GzEncoder::new(Vec::new(), Compression::default()));
+    for d in ["dev", "proc", "tmp"] {
+        w.dir(d, 0o755)?;
+    }
+    w.char_dev("dev/console", 0o600, 5, 1)?;
+    w.file("init", 0o755, agent)?;
+    w.finish()?.finish()
+}
+
 /// Writes the initramfs to `out` and returns its size in bytes.
 pub fn build(c: &Contents, out: &Path) -> Result<u64, InitramfsError> {
     for t in &c.tests {
@@ -198,8 +220,8 @@ pub fn build(c: &Contents, out: &Path) -> Result<u64, InitramfsError> {
         w.file("bin/busybox", 0o755, &read_static_exe(&c.busybox)?)
             .map_err(write_err)?;
         w.symlink("bin/sh", "busybox").map_err(write_err)?;
-        w.file("bin/gmem-lab", 0o755, &read_static_exe(&c.agent)?)
-            .map_err(write_err)?;
+        let agent = read_static_exe(&c.agent)?;
+        w.file("bin/gmem-lab", 0o755, &agent).map_err(write_err)?;
         let mut names = vec!["busybox".to_owned(), "sh".to_owned(), "gmem-lab".to_owned()];
         for (name, bin) in &c.bins {
             if names.contains(name) || name.is_empty() || name.contains('/') {
@@ -212,6 +234,12 @@ pub fn build(c: &Contents, out: &Path) -> Result<u64, InitramfsError> {
                 .map_err(write_err)?;
             names.push(name.clone());
         }
+        w.dir("lab", 0o755).map_err(write_err)?;
+        w.file(L2_KERNEL, 0o644, &read(&c.l2_kernel)?)
+            .map_err(write_err)?;
+        let l2_initramfs = memcheck_initramfs(&agent).map_err(write_err)?;
+        w.file(L2_INITRAMFS, 0o644, &l2_initramfs)
+            .map_err(write_err)?;
         for (i, (name, ko)) in c.modules.iter().enumerate() {
             let path = format!("lib/modules/gmemlab/{}-{name}.ko", i + 1);
             w.file(&path, 0o644, &read(ko)?).map_err(write_err)?;
@@ -253,6 +281,29 @@ mod tests {
         let status = Command::new("sh").arg("-n").arg(&path).status().unwrap();
         fs::remove_file(&path).unwrap();
         assert!(status.success());
+    }
+
+    #[test]
+    fn memcheck_initramfs_holds_the_agent_as_init_and_a_console() {
+        use std::io::Read;
+        let gz = memcheck_initramfs(b"\x7fELF agent").unwrap();
+        let mut cpio = Vec::new();
+        flate2::read::GzDecoder::new(gz.as_slice())
+            .read_to_end(&mut cpio)
+            .unwrap();
+        let entries = crate::cpio::tests::parse(&cpio);
+        let find = |name: &str| entries.iter().find(|e| e.0 == name).unwrap();
+        assert_eq!(entries.len(), 5);
+        for dir in ["dev", "proc", "tmp"] {
+            assert_eq!(find(dir).1, 0o040_755);
+        }
+        let console = find("dev/console");
+        assert_eq!((console.1, console.2, console.3), (0o020_600, 5, 1));
+        let init = find("init");
+        assert_eq!(
+            (init.1, init.4.as_slice()),
+            (0o100_755, b"\x7fELF agent".as_slice())
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod deb;
 mod elf;
 mod guest;
 mod initramfs;
+mod memcheck;
 mod paths;
 mod qemu;
 mod report;
@@ -36,6 +37,11 @@ The in-guest agent is gmem-lab itself, so it must be built static:
   RUSTFLAGS='-C target-feature=+crt-static' cargo build --release \\
       --target x86_64-unknown-linux-gnu -p gmem-lab
   target/x86_64-unknown-linux-gnu/release/gmem-lab run
+
+Run as /init (or with gmemlab_role=memcheck in its environment) it is instead the memory
+checker of the linux-guest test's nested Linux guest: it writes and verifies a pattern over
+gmemlab_memcheck_mib MiB (default 64), printing a GMEMLAB-MEMCHECK line per sweep, and after
+gmemlab_memcheck_sweeps sweeps (if set) exits, or restarts the machine as PID 1.
 
 Host needs: qemu-system-x86, dpkg-deb and apt-get (lab/install-host-deps installs them).";
 
@@ -131,8 +137,9 @@ struct RunArgs {
     /// QEMU binary
     #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
-    /// Kill QEMU if the guest has not finished after this many seconds
-    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    /// Kill QEMU if the guest has not finished after this many seconds (linux-guest alone
+    /// may wait 600 s for its nested guest to boot)
+    #[arg(long, value_name = "SECS", default_value_t = 900)]
     timeout: u64,
     /// Memory of each of the two NUMA nodes, in MiB
     #[arg(long, value_name = "MIB", default_value_t = 1024)]
@@ -256,6 +263,11 @@ fn run(args: &RunArgs) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // As /init of a Linux guest under gmemctl's microVM (the linux-guest test), the agent is
+    // a memory checker, not this command line.
+    if memcheck::wanted() {
+        return memcheck::main();
+    }
     let cli = Cli::parse();
     match cli.command {
         Cmd::Fetch { packages, refresh } => {

@@ -227,6 +227,7 @@ pub fn prepare(opts: &RunOptions, initrd: &Path) -> Result<Prepared, RunError> {
     let contents = Contents {
         busybox,
         agent,
+        l2_kernel: kernel.clone(),
         bins,
         modules: module_files.clone(),
         tests: opts.tests.clone(),

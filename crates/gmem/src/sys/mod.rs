@@ -20,6 +20,7 @@ macro_rules! syscall {
     }};
 }
 
+pub mod boot;
 pub mod kvm;
 pub mod mempolicy;
 pub mod mman;

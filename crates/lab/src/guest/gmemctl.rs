@@ -11,25 +11,25 @@ use super::Verdict;
 use super::checks::GuestError;
 use crate::report::Status;
 
-const GMEMCTL: &str = "/bin/gmemctl";
+pub(super) const GMEMCTL: &str = "/bin/gmemctl";
 
 /// The home and away nodes of the lab: moves go 0 -> 1 -> 0.
-const HOME: u64 = 0;
-const AWAY: u64 = 1;
+pub(super) const HOME: u64 = 0;
+pub(super) const AWAY: u64 = 1;
 
 /// What one gmemctl run printed, once its stdout parsed as JSON.
 #[derive(Debug)]
-struct Output {
-    command: String,
-    exit: Option<i32>,
-    json: Value,
-    stderr: String,
+pub(super) struct Output {
+    pub command: String,
+    pub exit: Option<i32>,
+    pub json: Value,
+    pub stderr: String,
 }
 
 /// Runs `gmemctl <args>` and parses its stdout as JSON. `Err` carries the verdict to return
 /// instead: a loud skip without gmemctl or without the subcommand, a failure for output that
 /// is not JSON.
-fn run_gmemctl(args: &[&str]) -> Result<Result<Output, Verdict>, GuestError> {
+pub(super) fn run_gmemctl(args: &[&str]) -> Result<Result<Output, Verdict>, GuestError> {
     run_gmemctl_preferring(args, None)
 }
 
@@ -50,19 +50,16 @@ fn run_gmemctl_preferring(
         )));
     }
     let command = format!("{GMEMCTL} {}", args.join(" "));
-    let spawn_err = |source| GuestError::Spawn {
+    let mut cmd = Command::new(GMEMCTL);
+    cmd.args(args);
+    let out = match node {
+        Some(node) => preferring(node, &command, || cmd.output())?,
+        None => cmd.output(),
+    };
+    let out = out.map_err(|source| GuestError::Spawn {
         command: command.clone(),
         source,
-    };
-    if let Some(node) = node {
-        let mask = NodeMask::single(NodeId(node));
-        mempolicy::set_mempolicy(MPOL_PREFERRED, mask.as_raw()).map_err(spawn_err)?;
-    }
-    let out = Command::new(GMEMCTL).args(args).output();
-    if node.is_some() {
-        mempolicy::set_mempolicy(MPOL_DEFAULT, NodeMask::new().as_raw()).map_err(spawn_err)?;
-    }
-    let out = out.map_err(spawn_err)?;
+    })?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let missing = ["unrecognized subcommand", "unexpected argument"]
@@ -94,8 +91,27 @@ fn run_gmemctl_preferring(
     }
 }
 
+/// Runs `start` (which starts a child process) with this process's memory preferring
+/// `node`, as `numactl --preferred` would start it: the task policy is inherited across fork
+/// and exec. `command` names the child in errors.
+pub(super) fn preferring<T>(
+    node: u32,
+    command: &str,
+    start: impl FnOnce() -> T,
+) -> Result<T, GuestError> {
+    let policy_err = |source| GuestError::Spawn {
+        command: command.to_owned(),
+        source,
+    };
+    let mask = NodeMask::single(NodeId(node));
+    mempolicy::set_mempolicy(MPOL_PREFERRED, mask.as_raw()).map_err(policy_err)?;
+    let started = start();
+    mempolicy::set_mempolicy(MPOL_DEFAULT, NodeMask::new().as_raw()).map_err(policy_err)?;
+    Ok(started)
+}
+
 /// The last `max` bytes of `text` (at a char boundary).
-fn tail(text: &str, max: usize) -> &str {
+pub(super) fn tail(text: &str, max: usize) -> &str {
     let mut at = text.len().saturating_sub(max);
     while !text.is_char_boundary(at) {
         at += 1;
@@ -103,7 +119,7 @@ fn tail(text: &str, max: usize) -> &str {
     &text[at..]
 }
 
-fn verdict(problems: &[String], detail: Value) -> Verdict {
+pub(super) fn verdict(problems: &[String], detail: Value) -> Verdict {
     Verdict {
         status: Status::pass_if(problems.is_empty()),
         detail,
@@ -345,7 +361,7 @@ pub fn gmemctl_selftest() -> Result<Verdict, GuestError> {
 
 /// The content-check counts of a migration report or the demo's totals: `content_checks` and
 /// `content_mismatches`, or `hash_checks` and `hash_mismatches` as reports named them before.
-fn content_counts(v: &Value) -> (Option<u64>, Option<u64>) {
+pub(super) fn content_counts(v: &Value) -> (Option<u64>, Option<u64>) {
     let first = |names: [&str; 2]| names.iter().find_map(|n| v[*n].as_u64());
     (
         first(["content_checks", "hash_checks"]),

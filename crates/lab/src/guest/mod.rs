@@ -3,6 +3,7 @@
 mod checks;
 mod full_node;
 mod gmemctl;
+mod linux;
 mod patched;
 
 use std::io::Write;
@@ -65,6 +66,15 @@ pub const BUILTIN: &[TestInfo] = &[
                 to node 1 stop partway with a refusal for lack of memory, every byte intact, \
                 no OOM kill",
     },
+    TestInfo {
+        name: "linux-guest",
+        about: "`gmemctl run --kernel` boots the lab's Debian kernel as a 256 MiB, 1-vCPU \
+                guest on nested KVM (Debian's cloud kernel reads no MP table, so it would \
+                bring up one CPU of more), whose /init (gmem-lab memcheck) writes and verifies 64 \
+                MiB sweep after sweep; all its memory moves to node 1 and back with remap \
+                (complete, content-checked, every resident page on the target, 2 sweeps after \
+                each move), 0 mismatches, gmemctl run exits 0 on SIGTERM",
+    },
 ];
 
 /// The prefix of an ad-hoc test: `exec:<command>` runs the command in the guest and passes
@@ -101,6 +111,7 @@ fn dispatch(name: &str) -> Result<Verdict, GuestError> {
         "gmemctl-selftest" => gmemctl::gmemctl_selftest(),
         "gmemctl-demo" => gmemctl::gmemctl_demo(),
         "full-node" => full_node::full_node(),
+        "linux-guest" => linux::linux_guest("remap", 1),
         _ => match name.strip_prefix(EXEC_PREFIX) {
             Some(cmd) if !cmd.trim().is_empty() => checks::exec(cmd),
             _ => patched::dispatch(name),

@@ -48,6 +48,13 @@ pub const TESTS: &[TestInfo] = &[
                 with placement checks: throughput and stops of native, remap and refault",
     },
     TestInfo {
+        name: "linux-guest-native",
+        about: "[patched kernel] like linux-guest, with native and 2 vCPUs (both brought up \
+                from the MP table): a Linux guest on nested KVM checks its memory while the \
+                kernel's own migration moves all of it 0 -> 1 -> 0; every move complete and \
+                content-checked, every page on target, 0 mismatches",
+    },
+    TestInfo {
         name: "offline-movable",
         about: "[patched kernel, --hotplug-dimm] online the DIMM's blocks online_movable, put a \
                 MIGRATABLE gmem in them, offline them: pages move out, bytes intact; a gmem \
@@ -62,6 +69,8 @@ pub fn dispatch(name: &str) -> Result<Verdict, GuestError> {
         "native-selftest" => native_selftest(),
         "native-demo" => native_demo(),
         "native-bench" => native_bench(),
+        // Our kernel has CONFIG_X86_MPPARSE, so it finds both vCPUs in the VMM's MP table.
+        "linux-guest-native" => super::linux::linux_guest("native", 2),
         "offline-movable" => offline_movable(),
         _ => Err(GuestError::UnknownTest(name.to_owned())),
     }

@@ -88,9 +88,17 @@ pub(crate) fn load(
         path: kernel.to_owned(),
         source,
     })?;
-    let kind = image_kind(&mut image).map_err(|source| LinuxError::ReadKernel {
-        path: kernel.to_owned(),
-        source,
+    let kind = image_kind(&mut image).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::UnexpectedEof {
+            LinuxError::KernelTooShort {
+                path: kernel.to_owned(),
+            }
+        } else {
+            LinuxError::ReadKernel {
+                path: kernel.to_owned(),
+                source,
+            }
+        }
     })?;
     let scratch = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
         .map_err(|e| LinuxError::ScratchMemory(e.to_string()))?;

@@ -10,6 +10,7 @@ pub(crate) mod cpu;
 pub(crate) mod devices;
 pub(crate) mod loader;
 pub mod mptable;
+pub mod stand_in;
 
 use std::fs::OpenOptions;
 use std::io;
@@ -74,6 +75,12 @@ pub enum LinuxError {
         /// The cause.
         #[source]
         source: io::Error,
+    },
+    /// The file is shorter than any kernel header.
+    #[error("{path} is too short to be a kernel")]
+    KernelTooShort {
+        /// The image.
+        path: PathBuf,
     },
     /// linux-loader refused the image.
     #[error(
@@ -147,6 +154,27 @@ pub enum LinuxError {
         #[source]
         source: kvm_ioctls::Error,
     },
+}
+
+impl LinuxError {
+    /// Whether the user can fix it: a missing or unbootable kernel or initramfs, a command
+    /// line, a console path, sizes. The rest are KVM or VMM failures.
+    pub fn is_user_error(&self) -> bool {
+        matches!(
+            self,
+            LinuxError::OpenConsole { .. }
+                | LinuxError::OpenKernel { .. }
+                | LinuxError::ReadKernel { .. }
+                | LinuxError::KernelTooShort { .. }
+                | LinuxError::LoadKernel { .. }
+                | LinuxError::NoPvhEntry { .. }
+                | LinuxError::KernelTooBig { .. }
+                | LinuxError::CommandLine(_)
+                | LinuxError::ReadInitramfs { .. }
+                | LinuxError::InitramfsTooBig { .. }
+                | LinuxError::MpTable(_)
+        )
+    }
 }
 
 /// The parts of a Linux guest the VM keeps: its devices and what went where.

@@ -1,0 +1,706 @@
+//! `linux-guest`: gmemctl's microVM boots a Linux guest (L2) on nested KVM inside the lab,
+//! and all its memory moves to node 1 and back while the guest checks that memory itself.
+//!
+//! The guest boots the lab's own kernel (/lab/vmlinuz) with /lab/memcheck.cpio.gz, whose /init
+//! is gmem-lab in its memcheck role (`crate::memcheck`): it writes and verifies a pattern over
+//! 64 MiB, sweep after sweep, and prints a `GMEMLAB-MEMCHECK` line per sweep on its serial
+//! console, which `gmemctl run --console` appends to a file that this test reads.
+
+use std::fs::{self, File};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::Verdict;
+use super::checks::GuestError;
+use super::gmemctl::{AWAY, GMEMCTL, HOME, content_counts, preferring, run_gmemctl, tail, verdict};
+use crate::initramfs::{L2_INITRAMFS, L2_KERNEL};
+use crate::memcheck::{MARKER, MIB_VAR, ROLE, ROLE_VAR};
+use crate::report::Status;
+
+/// Its RAM.
+const MEM: &str = "256M";
+/// MiB its /init checks, sweep after sweep.
+const MEMCHECK_MIB: u64 = 64;
+/// The kernel command line, without the memcheck settings. `reboot=k`: a reboot resets
+/// through the keyboard controller, which the VMM catches and exits.
+///
+/// `noxsave` is for the lab only: QEMU's TCG does not apply SVM's XSETBV intercept (its
+/// `helper_xsetbv` checks none), so the L1 KVM never learns the XCR0 the guest sets and
+/// answers CPUID leaf 0xD with the size for x87+SSE alone; Linux then finds its XSAVE sizes
+/// inconsistent and dies in FPU setup. On hardware KVM sees every XSETBV.
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodules acpi=off \
+                       i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable noxsave";
+const CONSOLE: &str = "/tmp/l2-console.log";
+const API_SOCK: &str = "/tmp/l2.sock";
+/// gmemctl run's own stdout and stderr.
+const VMM_LOG: &str = "/tmp/l2-vmm.log";
+/// The flags of `gmemctl run` this test needs.
+const RUN_FLAGS: [&str; 4] = ["--kernel", "--initramfs", "--cmdline", "--console"];
+
+/// From `gmemctl run` to the checker's first verified sweep: a full Debian kernel boots on
+/// KVM nested in TCG, so this is generous.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Sweeps the guest must complete after each move, with the memory in its new place.
+const SWEEPS_AFTER_MOVE: u64 = 2;
+/// How long those sweeps may take.
+const SWEEPS_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long gmemctl run may take to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_millis(500);
+/// Console and log lines kept in the detail of a failure.
+const TAIL_LINES: usize = 20;
+
+/// What the guest's memory checker has said on the console so far.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Memcheck {
+    /// `ready mib=.. uptime=..`: (MiB, the guest's uptime in seconds) after the first sweep.
+    pub ready: Option<(u64, Option<f64>)>,
+    /// The highest sweep number reported.
+    pub sweeps: u64,
+    /// Sweeps reported `FAILED`.
+    pub failed_sweeps: u64,
+    /// `MISMATCH` lines (at most 16 per sweep are printed).
+    pub mismatch_lines: u64,
+    /// `error: ..` lines.
+    pub errors: Vec<String>,
+    /// Whether the kernel panicked.
+    pub kernel_panic: bool,
+}
+
+/// The value of `key=` among the words of `text`.
+fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Reads the memory checker's lines from the guest's console. Only complete lines count: the
+/// last one may still be arriving.
+pub fn parse_console(text: &str) -> Memcheck {
+    let mut m = Memcheck::default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    for line in complete.lines() {
+        if line.contains("Kernel panic") {
+            m.kernel_panic = true;
+        }
+        let Some(at) = line.find(MARKER) else {
+            continue;
+        };
+        let rest = line[at + MARKER.len()..].trim();
+        if rest.starts_with("ready") {
+            let mib = field(rest, "mib").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let uptime = field(rest, "uptime").and_then(|v| v.parse().ok());
+            m.ready = Some((mib, uptime));
+        } else if rest.starts_with("MISMATCH") {
+            m.mismatch_lines += 1;
+        } else if rest.starts_with("error") {
+            m.errors.push(rest.to_owned());
+        } else if let Some(n) = field(rest, "sweep").and_then(|v| v.parse::<u64>().ok()) {
+            m.sweeps = m.sweeps.max(n);
+            if !rest.ends_with(" ok") {
+                m.failed_sweeps += 1;
+            }
+        }
+    }
+    m
+}
+
+fn read_console() -> (String, Memcheck) {
+    let text = fs::read(CONSOLE)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let m = parse_console(&text);
+    (text, m)
+}
+
+/// The guest kernel's warnings, oopses and panics on the console (the first 10 lines).
+fn kernel_alerts(console: &str) -> Vec<String> {
+    console
+        .lines()
+        .filter(|l| {
+            ["WARNING:", "BUG:", "Oops", "Kernel panic"]
+                .iter()
+                .any(|p| l.contains(p))
+        })
+        .take(10)
+        .map(|l| l.trim_end_matches('\r').to_owned())
+        .collect()
+}
+
+/// The CPUs the guest kernel brought up, from its `smp: Brought up 1 node, 2 CPUs` line: proof
+/// that the MP table listed every vCPU and the startup IPIs reached them.
+fn cpus_brought_up(console: &str) -> Option<u32> {
+    let line = console.lines().find(|l| l.contains("smp: Brought up"))?;
+    let line = line.trim_end_matches('\r');
+    let before = line
+        .strip_suffix(" CPUs")
+        .or_else(|| line.strip_suffix(" CPU"))?;
+    before.rsplit(' ').next()?.parse().ok()
+}
+
+/// The last `n` lines of `text`, each without a trailing `\r`.
+fn last_lines(text: &str, n: usize) -> Vec<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| l.trim_end_matches('\r').to_owned())
+        .collect()
+}
+
+/// `gmemctl run`, killed (SIGKILL) if the test ends before it has stopped it properly.
+struct Vmm {
+    child: Child,
+}
+
+impl Vmm {
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// SIGTERM, then the exit status within [`STOP_TIMEOUT`]; `Err` says what went wrong.
+    fn terminate(&mut self) -> Result<ExitStatus, String> {
+        if let Some(status) = self.exited() {
+            return Err(format!("gmemctl run had already exited ({status})"));
+        }
+        let pid = self.child.id().to_string();
+        let kill = Command::new("kill").args(["-TERM", &pid]).status();
+        if !kill.as_ref().is_ok_and(ExitStatus::success) {
+            return Err(format!("`kill -TERM {pid}` failed: {kill:?}"));
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(status) = self.exited() {
+                return Ok(status);
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!(
+            "gmemctl run did not exit within {} s of SIGTERM",
+            STOP_TIMEOUT.as_secs()
+        ))
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if self.exited().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Polls the console until `until` holds. `Err` says why it never did: the timeout, the VMM
+/// exiting, a kernel panic, or the checker reporting an error.
+fn wait_console(
+    vmm: &mut Vmm,
+    timeout: Duration,
+    what: &str,
+    until: impl Fn(&Memcheck) -> bool,
+) -> Result<Memcheck, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (_, m) = read_console();
+        if until(&m) {
+            return Ok(m);
+        }
+        if m.kernel_panic {
+            return Err(format!(
+                "the guest kernel panicked while waiting for {what}"
+            ));
+        }
+        if let Some(e) = m.errors.first() {
+            return Err(format!("the guest's checker failed: {e}"));
+        }
+        if let Some(status) = vmm.exited() {
+            return Err(format!("gmemctl run exited ({status}) before {what}"));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "no {what} within {} s (sweeps so far: {})",
+                timeout.as_secs(),
+                m.sweeps
+            ));
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// Resident pages per node in a `NodeCounts` object, zero counts left out.
+fn nonzero_nodes(counts: &Value) -> Vec<(String, u64)> {
+    counts
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .map(|(node, pages)| (node.clone(), pages.as_u64().unwrap_or(0)))
+                .filter(|&(_, pages)| pages > 0)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What is wrong with `gmemctl migrate --json`'s finished job for a move of all guest memory
+/// to node `to` with `mechanism`: it must have succeeded and be complete, every planned page moved
+/// and content-checked without a mismatch, and every resident page on `to` afterwards.
+pub fn migration_problems(job: &Value, to: u64, mechanism: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let what = format!("move to node {to}");
+    if job["state"] != "succeeded" {
+        problems.push(format!(
+            "{what}: job {} ({})",
+            job["state"],
+            job["error"].as_str().unwrap_or("no error given")
+        ));
+    }
+    let r = &job["report"];
+    if r["mechanism"] != mechanism {
+        problems.push(format!(
+            "{what}: mechanism {}, not {mechanism}",
+            r["mechanism"]
+        ));
+    }
+    if r["complete"] != Value::Bool(true) {
+        problems.push(format!("{what}: not complete"));
+    }
+    let (planned, moved) = (r["pages_planned"].as_u64(), r["pages_moved"].as_u64());
+    if moved.unwrap_or(0) == 0 || moved != planned {
+        problems.push(format!(
+            "{what}: {} of {} planned pages moved",
+            r["pages_moved"], r["pages_planned"]
+        ));
+    }
+    if r["failures"].as_array().is_none_or(|f| !f.is_empty()) {
+        problems.push(format!("{what}: failed steps {}", r["failures"]));
+    }
+    let (checks, mismatches) = content_counts(r);
+    if mismatches != Some(0) || checks.unwrap_or(0) == 0 {
+        problems.push(format!(
+            "{what}: content checked {checks:?} times, {mismatches:?} mismatches"
+        ));
+    }
+    let after = nonzero_nodes(&r["after"]);
+    if after.len() != 1 || after[0].0 != to.to_string() {
+        problems.push(format!(
+            "{what}: pages per node afterwards are {}, not all on node {to}",
+            r["after"]
+        ));
+    }
+    let guest = job["guest"]["mismatches"].as_u64();
+    if guest.is_some_and(|g| g > 0) {
+        problems.push(format!(
+            "{what}: the VMM counted {guest:?} guest mismatches"
+        ));
+    }
+    problems
+}
+
+/// What is wrong with `gmemctl status --api-sock S --json` after a move to `to`: every
+/// resident guest page must be on `to`.
+pub fn placement_problems(status: &Value, to: u64) -> Vec<String> {
+    let p = &status["placement"];
+    let on = nonzero_nodes(&p["per_node"]);
+    let resident: u64 = on.iter().map(|(_, pages)| pages).sum();
+    let pages = p["pages"].as_u64().unwrap_or(0);
+    let not_present = p["not_present"].as_u64().unwrap_or(0);
+    let mut problems = Vec::new();
+    if on.len() != 1 || on[0].0 != to.to_string() {
+        problems.push(format!(
+            "status after the move to node {to}: pages per node {}",
+            p["per_node"]
+        ));
+    }
+    if pages == 0 || resident + not_present != pages {
+        problems.push(format!(
+            "status after the move to node {to}: {resident} resident + {not_present} not \
+             present != {pages} guest pages"
+        ));
+    }
+    problems
+}
+
+/// The numbers of a finished migration job, for the detail.
+fn job_summary(job: &Value) -> Value {
+    let r = &job["report"];
+    json!({
+        "state": job["state"],
+        "error": job["error"],
+        "mechanism": r["mechanism"],
+        "complete": r["complete"],
+        "pages_planned": r["pages_planned"],
+        "pages_moved": r["pages_moved"],
+        "pages_in_place": r["pages_in_place"],
+        "content_checks": r["content_checks"],
+        "content_mismatches": r["content_mismatches"],
+        "pfns_changed": r["pfns_changed"],
+        "stops": r["stops"],
+        "elapsed_us": r["elapsed_us"],
+        "throughput_gbps": r["throughput_gbps"],
+        "before": r["before"],
+        "after": r["after"],
+        "guest": job["guest"],
+    })
+}
+
+/// Which of [`RUN_FLAGS`] `gmemctl run --help` does not mention, and what it said on stderr;
+/// `Err` if it cannot run.
+fn missing_run_flags() -> Result<(Vec<&'static str>, String), GuestError> {
+    let out = Command::new(GMEMCTL)
+        .args(["run", "--help"])
+        .output()
+        .map_err(|source| GuestError::Spawn {
+            command: format!("{GMEMCTL} run --help"),
+            source,
+        })?;
+    let help = String::from_utf8_lossy(&out.stdout);
+    let missing = RUN_FLAGS
+        .into_iter()
+        .filter(|flag| !help.contains(flag))
+        .collect();
+    Ok((missing, String::from_utf8_lossy(&out.stderr).into_owned()))
+}
+
+fn fail(reason: String) -> Verdict {
+    Verdict {
+        status: Status::Fail,
+        detail: json!({ "error": reason }),
+    }
+}
+
+/// One move of all guest memory, then [`SWEEPS_AFTER_MOVE`] sweeps of the guest in its new
+/// place. Returns the move's detail; its problems go to `problems`. `Err` ends the test:
+/// the guest stopped making progress, so later steps cannot tell anything.
+fn move_guest(
+    vmm: &mut Vmm,
+    to: u64,
+    mechanism: &str,
+    problems: &mut Vec<String>,
+) -> Result<Result<Value, String>, GuestError> {
+    let sweeps_before = read_console().1.sweeps;
+    let node = to.to_string();
+    let args = [
+        "migrate",
+        "--api-sock",
+        API_SOCK,
+        "--policy",
+        "bind",
+        "--nodes",
+        &node,
+        "--mechanism",
+        mechanism,
+        "--json",
+    ];
+    let out = match run_gmemctl(&args)? {
+        Ok(out) => out,
+        Err(v) => return Ok(Err(format!("gmemctl migrate to node {to}: {}", v.detail))),
+    };
+    let sweeps_at_end = read_console().1.sweeps;
+    let mut mine = migration_problems(&out.json, to, mechanism);
+    if out.exit != Some(0) {
+        mine.push(format!(
+            "gmemctl migrate to node {to} exited with {:?}: {}",
+            out.exit,
+            tail(out.stderr.trim(), 500)
+        ));
+    }
+    let status = match run_gmemctl(&["status", "--api-sock", API_SOCK, "--json"])? {
+        Ok(s) => {
+            mine.extend(placement_problems(&s.json, to));
+            s.json["placement"]["per_node"].clone()
+        }
+        Err(v) => {
+            mine.push(format!("gmemctl status: {}", v.detail));
+            Value::Null
+        }
+    };
+    let waited = Instant::now();
+    let after = wait_console(
+        vmm,
+        SWEEPS_TIMEOUT,
+        &format!("{SWEEPS_AFTER_MOVE} more sweeps after the move to node {to}"),
+        |m| m.sweeps >= sweeps_at_end + SWEEPS_AFTER_MOVE,
+    );
+    let detail = json!({
+        "to": to,
+        "command": out.command,
+        "sweeps_before": sweeps_before,
+        "sweeps_at_end": sweeps_at_end,
+        "sweeps_after": after.as_ref().map_or(Value::Null, |m| json!(m.sweeps)),
+        "after_wait_s": waited.elapsed().as_secs_f64(),
+        "migration": job_summary(&out.json),
+        "placement_after": status,
+    });
+    problems.extend(mine);
+    Ok(after.map(|_| detail))
+}
+
+/// `linux-guest` (remap, Debian's kernel) and `linux-guest-native` (native, our kernel):
+/// boot a Linux guest with `vcpus` vCPUs under gmemctl on nested KVM, check that its kernel
+/// brought all of them up, move all its memory to node 1 and back with `mechanism` while it
+/// checks that memory, and stop it with SIGTERM.
+pub fn linux_guest(mechanism: &'static str, vcpus: u32) -> Result<Verdict, GuestError> {
+    if !Path::new(GMEMCTL).exists() {
+        return Ok(Verdict {
+            status: Status::Skip,
+            detail: json!({
+                "reason": format!("{GMEMCTL} is not in the initramfs (gmem-lab run --gmemctl PATH)")
+            }),
+        });
+    }
+    let (missing, stderr) = missing_run_flags()?;
+    if !missing.is_empty() {
+        let mut reason = format!(
+            "this gmemctl cannot boot a Linux guest: `gmemctl run --help` does not mention {}",
+            missing.join(", ")
+        );
+        if let Some(said) = stderr.lines().find(|l| !l.trim().is_empty()) {
+            reason.push_str(&format!(" (it said: {})", said.trim()));
+        }
+        return Ok(fail(reason));
+    }
+    for file in [L2_KERNEL, L2_INITRAMFS] {
+        if !Path::new(file).exists() {
+            return Ok(fail(format!(
+                "{file} is not in the initramfs: this gmem-lab's initramfs builder predates \
+                 the linux-guest test"
+            )));
+        }
+    }
+    for stale in [CONSOLE, API_SOCK, VMM_LOG] {
+        let _ = fs::remove_file(stale);
+    }
+
+    let cmdline = format!("{CMDLINE} {ROLE_VAR}={ROLE} {MIB_VAR}={MEMCHECK_MIB}");
+    let vcpus_flag = vcpus.to_string();
+    let args = [
+        "run",
+        "--kernel",
+        L2_KERNEL,
+        "--initramfs",
+        L2_INITRAMFS,
+        "--cmdline",
+        &cmdline,
+        "--console",
+        CONSOLE,
+        "--mem",
+        MEM,
+        "--vcpus",
+        &vcpus_flag,
+        "--api-sock",
+        API_SOCK,
+    ];
+    let command = format!("{GMEMCTL} {}", args.join(" "));
+    let spawn_err = |source| GuestError::Spawn {
+        command: command.clone(),
+        source,
+    };
+    let log = File::create(VMM_LOG).map_err(|source| GuestError::Spawn {
+        command: format!("creating {VMM_LOG} for {command}"),
+        source,
+    })?;
+    let log_too = log.try_clone().map_err(|source| GuestError::Spawn {
+        command: format!("duplicating the descriptor of {VMM_LOG}"),
+        source,
+    })?;
+    let mut cmd = Command::new(GMEMCTL);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(log_too)
+        .stderr(log);
+    // No kill_with_parent here: on our tinyconfig kernel a spawn with a pre-exec hook fails
+    // with ENOSYS. `Vmm`'s drop kills the VMM instead, and the lab VM ends with the test.
+    // The guest's memory starts on node 0, so the first move takes all of it to node 1.
+    let started = Instant::now();
+    let child = preferring(HOME as u32, &command, || cmd.spawn())?.map_err(spawn_err)?;
+    let mut vmm = Vmm { child };
+
+    let mut problems = Vec::new();
+    let mut moves = Vec::new();
+    let mut boot_s = None;
+    let mut ready = None;
+    let mut vmm_exit = None;
+    match wait_console(&mut vmm, BOOT_TIMEOUT, "`ready` from the guest", |m| {
+        m.ready.is_some()
+    }) {
+        Err(e) => problems.push(e),
+        Ok(m) => {
+            boot_s = Some(started.elapsed().as_secs_f64());
+            ready = m.ready;
+            if m.ready.is_some_and(|(mib, _)| mib != MEMCHECK_MIB) {
+                problems.push(format!(
+                    "the guest checks {:?} MiB, not {MEMCHECK_MIB}",
+                    m.ready
+                ));
+            }
+            for to in [AWAY, HOME] {
+                match move_guest(&mut vmm, to, mechanism, &mut problems)? {
+                    Ok(detail) => moves.push(detail),
+                    Err(e) => {
+                        problems.push(e);
+                        break;
+                    }
+                }
+            }
+            match vmm.terminate() {
+                Ok(status) if status.success() => vmm_exit = status.code(),
+                Ok(status) => {
+                    vmm_exit = status.code();
+                    problems.push(format!("gmemctl run exited with {status} after SIGTERM"));
+                }
+                Err(e) => problems.push(e),
+            }
+        }
+    }
+    drop(vmm);
+
+    let (console, m) = read_console();
+    if m.mismatch_lines > 0 || m.failed_sweeps > 0 {
+        problems.push(format!(
+            "the guest found wrong memory: {} MISMATCH lines, {} failed sweeps",
+            m.mismatch_lines, m.failed_sweeps
+        ));
+    }
+    if !m.errors.is_empty() {
+        problems.push(format!("the guest's checker failed: {:?}", m.errors));
+    }
+    let guest_cpus = cpus_brought_up(&console);
+    if ready.is_some() && guest_cpus != Some(vcpus) {
+        problems.push(format!(
+            "the guest kernel brought up {guest_cpus:?} CPUs, not the {vcpus} vCPUs it was given"
+        ));
+    }
+    let mut detail = json!({
+        "command": command,
+        "vcpus": vcpus,
+        "mem": MEM,
+        "memcheck_mib": MEMCHECK_MIB,
+        "boot_s": boot_s,
+        "guest_uptime_at_ready_s": ready.and_then(|(_, up)| up),
+        "guest_cpus": guest_cpus,
+        "guest_cpu_lines": console
+            .lines()
+            .filter(|l| ["smp:", "SMP", "APIC", "CPU"].iter().any(|k| l.contains(k)))
+            .take(16)
+            .map(|l| l.trim_end_matches('\r'))
+            .collect::<Vec<_>>(),
+        "guest_kernel": console.lines().find(|l| l.contains("Linux version")).map(|l| l.trim_end_matches('\r')),
+        "moves": moves,
+        "sweeps": m.sweeps,
+        "mismatch_lines": m.mismatch_lines,
+        "failed_sweeps": m.failed_sweeps,
+        "vmm_exit": vmm_exit,
+        "guest_kernel_alerts": kernel_alerts(&console),
+        "problems": problems,
+    });
+    if !problems.is_empty() {
+        detail["console_tail"] = json!(last_lines(&console, TAIL_LINES));
+        let log = fs::read_to_string(VMM_LOG).unwrap_or_default();
+        detail["vmm_log_tail"] = json!(last_lines(&log, TAIL_LINES));
+    }
+    Ok(verdict(&problems, detail))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_checkers_console_lines() {
+        let console = "[    0.000000] Linux version 7.3.4\r\n\
+            GMEMLAB-MEMCHECK ready mib=64 uptime=41.27\r\n\
+            GMEMLAB-MEMCHECK sweep=1 ok\r\n\
+            [   50.1] random: crng init done\r\n\
+            GMEMLAB-MEMCHECK sweep=2 ok\r\n\
+            GMEMLAB-MEMCHECK sweep=3 o";
+        let m = parse_console(console);
+        assert_eq!(m.ready, Some((64, Some(41.27))));
+        assert_eq!((m.sweeps, m.failed_sweeps, m.mismatch_lines), (2, 0, 0));
+        assert!(m.errors.is_empty() && !m.kernel_panic);
+
+        let bad = format!(
+            "{console}k\n\
+             GMEMLAB-MEMCHECK MISMATCH sweep=4 offset=4096 expected=0x1 found=0x0\n\
+             GMEMLAB-MEMCHECK sweep=4 FAILED mismatches=1\n\
+             GMEMLAB-MEMCHECK error: cannot allocate 64 MiB\n\
+             [ 60.0] Kernel panic - not syncing: Attempted to kill init!\n"
+        );
+        let m = parse_console(&bad);
+        assert_eq!((m.sweeps, m.failed_sweeps, m.mismatch_lines), (4, 1, 1));
+        assert_eq!(m.errors, ["error: cannot allocate 64 MiB"]);
+        assert!(m.kernel_panic);
+        assert_eq!(
+            kernel_alerts(&bad),
+            ["[ 60.0] Kernel panic - not syncing: Attempted to kill init!"]
+        );
+        assert_eq!(parse_console(""), Memcheck::default());
+        assert_eq!(
+            cpus_brought_up("[ 0.2] smp: Brought up 1 node, 2 CPUs\r\n"),
+            Some(2)
+        );
+        assert_eq!(
+            cpus_brought_up("[ 0.2] smp: Bringing up secondary CPUs"),
+            None
+        );
+    }
+
+    fn job(to: u64, pages: u64) -> Value {
+        let mut after = serde_json::Map::new();
+        after.insert(to.to_string(), json!(pages));
+        after.insert((1 - to).to_string(), json!(0));
+        json!({
+            "state": "succeeded",
+            "report": {
+                "mechanism": "remap", "complete": true, "pages_planned": pages,
+                "pages_moved": pages, "content_checks": 128, "content_mismatches": 0,
+                "failures": [], "after": after,
+            },
+            "guest": null,
+        })
+    }
+
+    #[test]
+    fn a_move_must_succeed_completely_with_every_page_on_the_target() {
+        assert!(migration_problems(&job(1, 20000), 1, "remap").is_empty());
+        assert!(migration_problems(&job(0, 20000), 0, "remap").is_empty());
+        assert_eq!(migration_problems(&job(0, 20000), 1, "remap").len(), 1);
+
+        let mut incomplete = job(1, 20000);
+        incomplete["state"] = json!("incomplete");
+        incomplete["report"]["complete"] = json!(false);
+        incomplete["report"]["pages_moved"] = json!(19000);
+        incomplete["report"]["after"] = json!({"0": 1000, "1": 19000});
+        assert_eq!(migration_problems(&incomplete, 1, "remap").len(), 4);
+
+        let mut nothing = job(1, 0);
+        nothing["report"]["after"] = json!({"1": 20000});
+        assert_eq!(migration_problems(&nothing, 1, "remap").len(), 1);
+
+        let mut unchecked = job(1, 20000);
+        unchecked["report"]["content_checks"] = json!(0);
+        unchecked["report"]["mechanism"] = json!("refault");
+        assert_eq!(migration_problems(&unchecked, 1, "remap").len(), 2);
+
+        let mut guest = job(1, 20000);
+        guest["guest"] = json!({"mismatches": 2, "sweeps": 9});
+        assert_eq!(migration_problems(&guest, 1, "remap").len(), 1);
+        assert_eq!(migration_problems(&json!({}), 1, "remap").len(), 7);
+    }
+
+    #[test]
+    fn placement_must_be_all_on_the_target() {
+        let status = |per_node: Value, not_present: u64| json!({"placement": {"pages": 65536, "per_node": per_node, "not_present": not_present}});
+        assert!(placement_problems(&status(json!({"1": 30000}), 35536), 1).is_empty());
+        assert!(placement_problems(&status(json!({"0": 0, "1": 30000}), 35536), 1).is_empty());
+        assert_eq!(
+            placement_problems(&status(json!({"0": 10, "1": 29990}), 35536), 1).len(),
+            1
+        );
+        assert_eq!(
+            placement_problems(&status(json!({"1": 30000}), 0), 1).len(),
+            1
+        );
+        assert_eq!(placement_problems(&json!({}), 0).len(), 2);
+    }
+}
