@@ -149,6 +149,10 @@ struct RunArgs {
     #[arg(long, value_name = "MIB", num_args = 0..=1, default_missing_value = "512",
           require_equals = true)]
     hotplug_dimm: Option<u64>,
+    /// The kernel the linux-guest tests boot under gmemctl as a nested guest: a bzImage or
+    /// a vmlinux with a PVH note [default: the kernel the lab boots]
+    #[arg(long, value_name = "PATH")]
+    guest_kernel: Option<PathBuf>,
     /// Extra kernel command-line arguments
     #[arg(long, value_name = "ARGS")]
     append: Option<String>,
@@ -187,6 +191,7 @@ impl RunArgs {
             timeout: Duration::from_secs(self.timeout),
             node_mib: self.node_mib,
             hotplug_dimm_mib: self.hotplug_dimm,
+            guest_kernel: self.guest_kernel.clone(),
             append: self.append.clone(),
             keep: self.keep,
             allow_skip: self.allow_skip,

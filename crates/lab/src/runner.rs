@@ -89,6 +89,8 @@ pub struct RunOptions {
     pub node_mib: u64,
     /// A cold-plugged DIMM of this many MiB on node 1 (`--hotplug-dimm`).
     pub hotplug_dimm_mib: Option<u64>,
+    /// The kernel the linux-guest tests boot as a nested guest (default: `kernel`'s).
+    pub guest_kernel: Option<PathBuf>,
     pub append: Option<String>,
     pub keep: bool,
     pub allow_skip: bool,
@@ -189,6 +191,9 @@ pub fn prepare(opts: &RunOptions, initrd: &Path) -> Result<Prepared, RunError> {
     if let Some(k) = &opts.kernel {
         must_exist("--kernel", k)?;
     }
+    if let Some(k) = &opts.guest_kernel {
+        must_exist("--guest-kernel", k)?;
+    }
     let mut bins = Vec::new();
     if let Some(g) = &opts.gmemctl {
         must_exist("--gmemctl", g)?;
@@ -227,7 +232,7 @@ pub fn prepare(opts: &RunOptions, initrd: &Path) -> Result<Prepared, RunError> {
     let contents = Contents {
         busybox,
         agent,
-        l2_kernel: kernel.clone(),
+        l2_kernel: opts.guest_kernel.clone().unwrap_or_else(|| kernel.clone()),
         bins,
         modules: module_files.clone(),
         tests: opts.tests.clone(),

@@ -128,6 +128,9 @@ fn run(
             (Ok(VcpuExit::InternalError), _) => Event::InternalError,
             (Ok(other), _) => Event::Fatal(format!("unexpected VM exit {other:?}")),
             (Err(e), _) if e.errno() == libc::EINTR => Event::Kicked,
+            // An application processor waiting for its startup IPI returns EAGAIN once it
+            // gets INIT/SIPI (x86 KVM_RUN's "uninitialized" state): run it again.
+            (Err(e), Platform::Linux(_)) if e.errno() == libc::EAGAIN => Event::Handled,
             (Err(e), _) => Event::Fatal(format!("KVM_RUN failed: {e}")),
         };
         stats.exit();

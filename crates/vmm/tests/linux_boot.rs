@@ -59,6 +59,11 @@ fn boot(test: &str, dir: &Path, kernel: Vec<u8>) -> Option<String> {
         std::thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(vm.state(), VmState::Stopped, "{test}: a reset stops the VM");
+    let metrics = vm.metrics();
+    eprintln!(
+        "{test}: Vm::start to the first console byte {:?} us, to the reset {:?} ms",
+        metrics.first_port_write_us, metrics.guest_reset_ms
+    );
     vm.shutdown().unwrap();
     let summary = vm.linux_summary().expect("a Linux guest has a summary");
     let (start, end) = summary.initramfs.expect("the initramfs was loaded");

@@ -44,6 +44,8 @@ const RUN_FLAGS: [&str; 4] = ["--kernel", "--initramfs", "--cmdline", "--console
 /// From `gmemctl run` to the checker's first verified sweep: a full Debian kernel boots on
 /// KVM nested in TCG, so this is generous.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long the guest's undisturbed sweep rate is measured before the first move.
+const RATE_WINDOW: Duration = Duration::from_secs(4);
 /// Sweeps the guest must complete after each move, with the memory in its new place.
 const SWEEPS_AFTER_MOVE: u64 = 2;
 /// How long those sweeps may take.
@@ -139,6 +141,22 @@ fn cpus_brought_up(console: &str) -> Option<u32> {
         .strip_suffix(" CPUs")
         .or_else(|| line.strip_suffix(" CPU"))?;
     before.rsplit(' ').next()?.parse().ok()
+}
+
+/// The boot protocol `gmemctl run` reported (`gmemctl run: Linux (pvh) kernel at ...`).
+fn boot_protocol(vmm_log: &str) -> Option<&str> {
+    let rest = vmm_log.split("Linux (").nth(1)?;
+    rest.split(')').next()
+}
+
+/// The protocol a kernel image calls for: PVH for an ELF vmlinux, else the bzImage's.
+fn expected_protocol(image: &Path) -> &'static str {
+    let mut magic = [0u8; 4];
+    let elf = File::open(image)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok()
+        && magic == *b"\x7fELF";
+    if elf { "pvh" } else { "linux64" }
 }
 
 /// The last `n` lines of `text`, each without a trailing `\r`.
@@ -369,6 +387,20 @@ fn fail(reason: String) -> Verdict {
     }
 }
 
+/// How fast the guest sweeps with nothing moving: sweeps over `window`, per second.
+fn sweep_rate(vmm: &mut Vmm, window: Duration) -> Result<f64, String> {
+    let start = (Instant::now(), read_console().1.sweeps);
+    let deadline = start.0 + window;
+    wait_console(
+        vmm,
+        window + SWEEPS_TIMEOUT,
+        "the undisturbed sweep rate",
+        |_| Instant::now() >= deadline,
+    )?;
+    let sweeps = read_console().1.sweeps.saturating_sub(start.1);
+    Ok(sweeps as f64 / start.0.elapsed().as_secs_f64())
+}
+
 /// One move of all guest memory, then [`SWEEPS_AFTER_MOVE`] sweeps of the guest in its new
 /// place. Returns the move's detail; its problems go to `problems`. `Err` ends the test:
 /// the guest stopped making progress, so later steps cannot tell anything.
@@ -376,6 +408,7 @@ fn move_guest(
     vmm: &mut Vmm,
     to: u64,
     mechanism: &str,
+    rate_before: Option<f64>,
     problems: &mut Vec<String>,
 ) -> Result<Result<Value, String>, GuestError> {
     let sweeps_before = read_console().1.sweeps;
@@ -392,11 +425,15 @@ fn move_guest(
         mechanism,
         "--json",
     ];
+    let moving = Instant::now();
     let out = match run_gmemctl(&args)? {
         Ok(out) => out,
         Err(v) => return Ok(Err(format!("gmemctl migrate to node {to}: {}", v.detail))),
     };
+    let move_s = moving.elapsed().as_secs_f64();
     let sweeps_at_end = read_console().1.sweeps;
+    // Sweeps are 0.2-0.35 s each, so over a few seconds this is good to about one sweep.
+    let rate_during = sweeps_at_end.saturating_sub(sweeps_before) as f64 / move_s;
     let mut mine = migration_problems(&out.json, to, mechanism);
     if out.exit != Some(0) {
         mine.push(format!(
@@ -427,6 +464,9 @@ fn move_guest(
         "command": out.command,
         "sweeps_before": sweeps_before,
         "sweeps_at_end": sweeps_at_end,
+        "move_s": move_s,
+        "guest_sweeps_per_s": rate_during,
+        "guest_rate_share": rate_before.map(|before| rate_during / before),
         "sweeps_after": after.as_ref().map_or(Value::Null, |m| json!(m.sweeps)),
         "after_wait_s": waited.elapsed().as_secs_f64(),
         "migration": job_summary(&out.json),
@@ -509,8 +549,7 @@ pub fn linux_guest(mechanism: &'static str, vcpus: u32) -> Result<Verdict, Guest
         .stdin(Stdio::null())
         .stdout(log_too)
         .stderr(log);
-    // No kill_with_parent here: on our tinyconfig kernel a spawn with a pre-exec hook fails
-    // with ENOSYS. `Vmm`'s drop kills the VMM instead, and the lab VM ends with the test.
+    gmem::sys::process::kill_with_parent(&mut cmd);
     // The guest's memory starts on node 0, so the first move takes all of it to node 1.
     let started = Instant::now();
     let child = preferring(HOME as u32, &command, || cmd.spawn())?.map_err(spawn_err)?;
@@ -521,6 +560,7 @@ pub fn linux_guest(mechanism: &'static str, vcpus: u32) -> Result<Verdict, Guest
     let mut boot_s = None;
     let mut ready = None;
     let mut vmm_exit = None;
+    let mut rate_before = None;
     match wait_console(&mut vmm, BOOT_TIMEOUT, "`ready` from the guest", |m| {
         m.ready.is_some()
     }) {
@@ -534,8 +574,13 @@ pub fn linux_guest(mechanism: &'static str, vcpus: u32) -> Result<Verdict, Guest
                     m.ready
                 ));
             }
+            let baseline = sweep_rate(&mut vmm, RATE_WINDOW);
+            if let Err(e) = &baseline {
+                problems.push(e.clone());
+            }
+            rate_before = baseline.as_ref().ok().copied();
             for to in [AWAY, HOME] {
-                match move_guest(&mut vmm, to, mechanism, &mut problems)? {
+                match move_guest(&mut vmm, to, mechanism, rate_before, &mut problems)? {
                     Ok(detail) => moves.push(detail),
                     Err(e) => {
                         problems.push(e);
@@ -565,6 +610,14 @@ pub fn linux_guest(mechanism: &'static str, vcpus: u32) -> Result<Verdict, Guest
     if !m.errors.is_empty() {
         problems.push(format!("the guest's checker failed: {:?}", m.errors));
     }
+    let vmm_log = fs::read_to_string(VMM_LOG).unwrap_or_default();
+    let protocol = boot_protocol(&vmm_log).map(str::to_owned);
+    let expected = expected_protocol(Path::new(L2_KERNEL));
+    if ready.is_some() && protocol.as_deref() != Some(expected) {
+        problems.push(format!(
+            "gmemctl run booted {L2_KERNEL} with protocol {protocol:?}, not {expected}"
+        ));
+    }
     let guest_cpus = cpus_brought_up(&console);
     if ready.is_some() && guest_cpus != Some(vcpus) {
         problems.push(format!(
@@ -578,6 +631,8 @@ pub fn linux_guest(mechanism: &'static str, vcpus: u32) -> Result<Verdict, Guest
         "memcheck_mib": MEMCHECK_MIB,
         "boot_s": boot_s,
         "guest_uptime_at_ready_s": ready.and_then(|(_, up)| up),
+        "guest_sweeps_per_s_before": rate_before,
+        "boot_protocol": protocol,
         "guest_cpus": guest_cpus,
         "guest_cpu_lines": console
             .lines()
@@ -596,8 +651,7 @@ pub fn linux_guest(mechanism: &'static str, vcpus: u32) -> Result<Verdict, Guest
     });
     if !problems.is_empty() {
         detail["console_tail"] = json!(last_lines(&console, TAIL_LINES));
-        let log = fs::read_to_string(VMM_LOG).unwrap_or_default();
-        detail["vmm_log_tail"] = json!(last_lines(&log, TAIL_LINES));
+        detail["vmm_log_tail"] = json!(last_lines(&vmm_log, TAIL_LINES));
     }
     Ok(verdict(&problems, detail))
 }
@@ -643,6 +697,10 @@ mod tests {
             cpus_brought_up("[ 0.2] smp: Bringing up secondary CPUs"),
             None
         );
+        assert_eq!(cpus_brought_up("smp: Brought up 1 node, 1 CPU"), Some(1));
+        let log = "gmemctl run: Linux (pvh) kernel at 0x1000000..0x2000000\n";
+        assert_eq!(boot_protocol(log), Some("pvh"));
+        assert_eq!(boot_protocol("pid: 1\n"), None);
     }
 
     fn job(to: u64, pages: u64) -> Value {
