@@ -244,6 +244,11 @@ fn run(args: &RunArgs) -> ExitCode {
         report.prepare_s,
         report.total_s
     ));
+    for crash in &report.retried_after_lab_kernel_crash {
+        summary.push_str(&format!(
+            "  RETRIED: the lab's kernel crashed in an earlier boot ({crash})\n"
+        ));
+    }
     if let Some(log) = &report.guest_log {
         summary.push_str(&format!("  guest log: {}\n", log.display()));
     }
