@@ -18,6 +18,7 @@ mod metrics;
 mod quiesce;
 mod vcpu;
 mod vm;
+mod x86;
 
 pub use config::{
     DEFAULT_LINUX_CMDLINE, GUEST_PAGE_BYTES, LinuxBoot, MAX_LINUX_GUEST_BYTES,

@@ -8,16 +8,10 @@ use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
 use super::abi::EntryArgs;
 use super::layout::{CODE_GPA, GDT_GPA, PML4_GPA, TSS_GPA, stack_top};
+use crate::x86::{
+    CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_RESERVED, gdt_entry,
+};
 
-const CR0_PE: u64 = 1 << 0;
-const CR0_ET: u64 = 1 << 4;
-const CR0_NE: u64 = 1 << 5;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-/// Bit 1 of RFLAGS is always set.
-const RFLAGS_RESERVED: u64 = 1 << 1;
 /// I/O privilege level 3: `in`/`out` allowed at CPL3 without an I/O bitmap.
 const RFLAGS_IOPL3: u64 = 3 << 12;
 
@@ -84,24 +78,7 @@ impl Segment {
 
     /// The 8-byte GDT descriptor (a system descriptor's upper half is a separate entry).
     fn descriptor(&self) -> u64 {
-        let limit = if self.page_granular() {
-            u64::from(self.limit >> 12)
-        } else {
-            u64::from(self.limit)
-        };
-        let access = 0x80 // present
-            | (u64::from(self.dpl) << 5)
-            | (u64::from(self.code_or_data) << 4)
-            | u64::from(self.kind);
-        let flags = (u64::from(self.page_granular()) << 3)
-            | (u64::from(self.default_32bit) << 2)
-            | (u64::from(self.long_mode) << 1);
-        (limit & 0xFFFF)
-            | ((self.base & 0xFF_FFFF) << 16)
-            | (access << 40)
-            | (((limit >> 16) & 0xF) << 48)
-            | (flags << 52)
-            | (((self.base >> 24) & 0xFF) << 56)
+        gdt_entry(&self.to_kvm())
     }
 
     fn to_kvm(self) -> kvm_segment {

@@ -7,6 +7,9 @@
 use kvm_bindings::{CpuId, kvm_lapic_state, kvm_regs, kvm_segment, kvm_sregs};
 
 use super::loader::Entry;
+use crate::x86::{
+    CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_RESERVED, gdt_entry,
+};
 
 /// The boot GDT: null, null, code (0x10), data (0x18), TSS (0x20, two slots).
 pub(crate) const GDT_GPA: u64 = 0x500;
@@ -20,15 +23,6 @@ const PD_GPA: u64 = 0xB000;
 const CODE_SELECTOR: u16 = 0x10;
 const DATA_SELECTOR: u16 = 0x18;
 const TSS_SELECTOR: u16 = 0x20;
-
-const CR0_PE: u64 = 1 << 0;
-const CR0_ET: u64 = 1 << 4;
-const CR0_NE: u64 = 1 << 5;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const RFLAGS_RESERVED: u64 = 1 << 1;
 
 const PAGE_PRESENT_WRITABLE: u64 = 0b11;
 const PAGE_HUGE: u64 = 1 << 7;
@@ -62,27 +56,6 @@ fn boot_tss() -> kvm_segment {
     }
 }
 
-/// The 8-byte descriptor of a segment, for the in-memory GDT.
-fn descriptor(segment: &kvm_segment) -> u64 {
-    let limit = if segment.g == 1 {
-        u64::from(segment.limit >> 12)
-    } else {
-        u64::from(segment.limit)
-    };
-    let access = (u64::from(segment.present) << 7)
-        | (u64::from(segment.dpl) << 5)
-        | (u64::from(segment.s) << 4)
-        | u64::from(segment.type_);
-    let flags =
-        (u64::from(segment.g) << 3) | (u64::from(segment.db) << 2) | (u64::from(segment.l) << 1);
-    (limit & 0xFFFF)
-        | ((segment.base & 0xFF_FFFF) << 16)
-        | (access << 40)
-        | (((limit >> 16) & 0xF) << 48)
-        | (flags << 52)
-        | (((segment.base >> 24) & 0xFF) << 56)
-}
-
 /// The segments a protocol enters with: (code, data).
 fn segments(long: bool) -> (kvm_segment, kvm_segment) {
     (
@@ -97,9 +70,9 @@ pub(crate) fn gdt(entry: Entry) -> Vec<u8> {
     let entries = [
         0,
         0,
-        descriptor(&code),
-        descriptor(&data),
-        descriptor(&boot_tss()),
+        gdt_entry(&code),
+        gdt_entry(&data),
+        gdt_entry(&boot_tss()),
         0,
     ];
     entries.iter().flat_map(|e| e.to_le_bytes()).collect()
@@ -204,11 +177,11 @@ mod tests {
     #[test]
     fn descriptors_match_the_textbook_encodings() {
         let (code64, data) = segments(true);
-        assert_eq!(descriptor(&code64), 0x00AF_9B00_0000_FFFF);
-        assert_eq!(descriptor(&data), 0x00CF_9300_0000_FFFF);
+        assert_eq!(gdt_entry(&code64), 0x00AF_9B00_0000_FFFF);
+        assert_eq!(gdt_entry(&data), 0x00CF_9300_0000_FFFF);
         let (code32, _) = segments(false);
-        assert_eq!(descriptor(&code32), 0x00CF_9B00_0000_FFFF);
-        assert_eq!(descriptor(&boot_tss()), 0x0000_8B00_0000_0067);
+        assert_eq!(gdt_entry(&code32), 0x00CF_9B00_0000_FFFF);
+        assert_eq!(gdt_entry(&boot_tss()), 0x0000_8B00_0000_0067);
     }
 
     #[test]
