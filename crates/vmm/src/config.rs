@@ -31,10 +31,11 @@ pub struct VmConfig {
 }
 
 /// The Linux command line used when none is given: the serial console, a reset through the
-/// keyboard controller on reboot (the VMM's cue that the guest is done), and no buses or
-/// firmware tables the VMM does not emulate (the CPUs come from an MP table).
-pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off acpi=off \
-                                          nomodules i8042.noaux i8042.nomux i8042.dumbkbd";
+/// keyboard controller on reboot (the VMM's cue that the guest is done), and no PCI, which
+/// the VMM does not emulate. The CPUs come from the ACPI tables (or, with `acpi=off` or a
+/// kernel without ACPI, from the MP table).
+pub const DEFAULT_LINUX_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off nomodules i8042.noaux i8042.nomux i8042.dumbkbd";
 
 /// Guest RAM a Linux guest may have: it must end below the 32-bit hole where the local APIC
 /// and IOAPIC live, because the VMM describes RAM as one range from 1 MiB up.

@@ -257,6 +257,10 @@ impl<'a> Migrator<'a> {
             index: 0,
         };
 
+        // Bind the ranges before moving them too: a page the guest touches for the first time
+        // during the move is then allocated on the target, not left behind on the old node.
+        // (Seen in the lab: 4 of 20,940 pages of a running Linux guest.)
+        self.apply_future_policy(request, &plan)?;
         let mut reports: Vec<StepReport> = Vec::new();
         let mut stops: Vec<Duration> = Vec::new();
         let mut pages_moved = 0u64;
@@ -324,6 +328,7 @@ impl<'a> Migrator<'a> {
                 "stopped after the first failed step; {left} later planned steps were not attempted"
             ));
         }
+        // Again after: remap has moved chunks to other guest_memfd offsets.
         self.apply_future_policy(request, &plan)?;
         let after = self.memory.guest_placement()?;
         Ok(self.finish(

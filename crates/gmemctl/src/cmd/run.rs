@@ -54,7 +54,7 @@ pub struct Args {
     )]
     initramfs: Option<PathBuf>,
     /// The Linux guest's command line [default: "console=ttyS0 reboot=k panic=-1 pci=off
-    /// acpi=off nomodules i8042.noaux i8042.nomux i8042.dumbkbd"].
+    /// nomodules i8042.noaux i8042.nomux i8042.dumbkbd"].
     #[arg(
         long,
         value_name = "TEXT",

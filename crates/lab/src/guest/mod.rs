@@ -68,9 +68,9 @@ pub const BUILTIN: &[TestInfo] = &[
     },
     TestInfo {
         name: "linux-guest",
-        about: "`gmemctl run --kernel` boots the lab's Debian kernel as a 256 MiB, 1-vCPU \
-                guest on nested KVM (Debian's cloud kernel reads no MP table, so it would \
-                bring up one CPU of more), whose /init (gmem-lab memcheck) writes and verifies 64 \
+        about: "`gmemctl run --kernel` boots the lab's Debian kernel (a bzImage) as a 256 \
+                MiB guest on nested KVM that brings up both its vCPUs from the VMM's ACPI \
+                tables, whose /init (gmem-lab memcheck) writes and verifies 64 \
                 MiB sweep after sweep; all its memory moves to node 1 and back with remap \
                 (complete, content-checked, every resident page on the target, 2 sweeps after \
                 each move), 0 mismatches, gmemctl run exits 0 on SIGTERM",
@@ -111,7 +111,7 @@ fn dispatch(name: &str) -> Result<Verdict, GuestError> {
         "gmemctl-selftest" => gmemctl::gmemctl_selftest(),
         "gmemctl-demo" => gmemctl::gmemctl_demo(),
         "full-node" => full_node::full_node(),
-        "linux-guest" => linux::linux_guest("remap", 1),
+        "linux-guest" => linux::linux_guest("remap", 2, linux::CpuTables::Acpi),
         _ => match name.strip_prefix(EXEC_PREFIX) {
             Some(cmd) if !cmd.trim().is_empty() => checks::exec(cmd),
             _ => patched::dispatch(name),

@@ -49,8 +49,8 @@ pub const TESTS: &[TestInfo] = &[
     },
     TestInfo {
         name: "linux-guest-native",
-        about: "[patched kernel] like linux-guest, with native and 2 vCPUs (both brought up \
-                from the MP table): a Linux guest on nested KVM checks its memory while the \
+        about: "[patched kernel] like linux-guest, with native, our vmlinux booted through \
+                PVH and its 2 vCPUs found in the MP table (acpi=off): a Linux guest on nested KVM checks its memory while the \
                 kernel's own migration moves all of it 0 -> 1 -> 0; every move complete and \
                 content-checked, every page on target, 0 mismatches",
     },
@@ -69,8 +69,11 @@ pub fn dispatch(name: &str) -> Result<Verdict, GuestError> {
         "native-selftest" => native_selftest(),
         "native-demo" => native_demo(),
         "native-bench" => native_bench(),
-        // Our kernel has CONFIG_X86_MPPARSE, so it finds both vCPUs in the VMM's MP table.
-        "linux-guest-native" => super::linux::linux_guest("native", 2),
+        // With acpi=off our kernel (CONFIG_X86_MPPARSE) finds both vCPUs in the MP table, so
+        // the lab proves both of the VMM's CPU tables: ACPI in linux-guest, this one here.
+        "linux-guest-native" => {
+            super::linux::linux_guest("native", 2, super::linux::CpuTables::MpTable)
+        }
         "offline-movable" => offline_movable(),
         _ => Err(GuestError::UnknownTest(name.to_owned())),
     }

@@ -20,6 +20,7 @@ use linux_loader::loader::{KernelLoader, KernelLoaderResult};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::LinuxError;
+use super::acpi::{ACPI_GPA, ACPI_MAX_BYTES};
 use super::mptable::MPTABLE_GPA;
 
 /// The PVH start_info structure, its module list and memory map (PVH boot).
@@ -262,11 +263,12 @@ fn load_initramfs(
 }
 
 /// The RAM map both protocols hand over: conventional memory below the MP table, the MP
-/// table reserved, and everything from 1 MiB to the end of guest RAM.
-fn ram_map(mem_size: u64) -> [(u64, u64, u32); 3] {
+/// table and the ACPI tables reserved, and everything from 1 MiB to the end of guest RAM.
+fn ram_map(mem_size: u64) -> [(u64, u64, u32); 4] {
     [
         (0, MPTABLE_GPA, E820_RAM),
         (MPTABLE_GPA, LOW_MEMORY_END - MPTABLE_GPA, E820_RESERVED),
+        (ACPI_GPA, ACPI_MAX_BYTES, E820_RESERVED),
         (HIGH_MEMORY_GPA, mem_size - HIGH_MEMORY_GPA, E820_RAM),
     ]
 }
@@ -284,6 +286,8 @@ fn zero_page(
         ..Default::default()
     };
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
+    // Read by kernels of boot protocol 2.14 and later; older ones scan for the RSDP.
+    params.acpi_rsdp_addr = ACPI_GPA;
     params.hdr.cmd_line_ptr = CMDLINE_GPA as u32;
     params.hdr.cmdline_size = cmdline_len;
     if let Some((start, end)) = initramfs {
@@ -313,6 +317,7 @@ fn write_pvh_start_info(
         magic: PVH_START_MAGIC,
         version: 1,
         cmdline_paddr: CMDLINE_GPA,
+        rsdp_paddr: ACPI_GPA,
         memmap_paddr: PVH_MEMMAP_GPA,
         memmap_entries: map.len() as u32,
         ..Default::default()
@@ -351,7 +356,9 @@ fn write_pvh_start_info(
 mod tests {
     use super::*;
 
-    const _: () = assert!(PVH_MEMMAP_GPA + 3 * 24 <= ZERO_PAGE_GPA);
+    const _: () = assert!(PVH_MEMMAP_GPA + 4 * 24 <= ZERO_PAGE_GPA);
+    const _: () =
+        assert!(ACPI_GPA >= LOW_MEMORY_END && ACPI_GPA + ACPI_MAX_BYTES <= HIGH_MEMORY_GPA);
     const _: () = assert!(CMDLINE_GPA + CMDLINE_MAX_BYTES as u64 <= MPTABLE_GPA);
 
     #[test]
@@ -359,7 +366,8 @@ mod tests {
         let map = ram_map(256 << 20);
         assert_eq!(map[0], (0, 0x9_FC00, E820_RAM));
         assert_eq!(map[1], (0x9_FC00, 0x400, E820_RESERVED));
-        assert_eq!(map[2], (0x10_0000, (256 << 20) - 0x10_0000, E820_RAM));
+        assert_eq!(map[2], (0xE_0000, 0x1_0000, E820_RESERVED));
+        assert_eq!(map[3], (0x10_0000, (256 << 20) - 0x10_0000, E820_RAM));
     }
 
     #[test]
@@ -375,8 +383,9 @@ mod tests {
         assert_eq!({ params.hdr.ramdisk_image }, 0x300_0000);
         assert_eq!({ params.hdr.ramdisk_size }, 0x1234);
         assert_eq!({ params.hdr.type_of_loader }, LOADER_TYPE_UNDEFINED);
-        assert_eq!(params.e820_entries, 3);
-        assert_eq!({ params.e820_table[2].size }, (64 << 20) - 0x10_0000);
+        assert_eq!(params.e820_entries, 4);
+        assert_eq!({ params.e820_table[3].size }, (64 << 20) - 0x10_0000);
+        assert_eq!({ params.acpi_rsdp_addr }, ACPI_GPA);
     }
 
     #[test]

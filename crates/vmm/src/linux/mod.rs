@@ -1,11 +1,13 @@
 //! Linux guests: load a bzImage (64-bit boot protocol) or a PVH vmlinux with its initramfs
 //! and command line, and give it the few devices it needs: KVM's interrupt controllers and
-//! PIT, an MP table, a serial console and a reset line.
+//! PIT, an MP table and ACPI tables (its CPUs and IOAPIC, either way), a serial console and
+//! a reset line.
 //!
 //! Under PVM (the hosts this project develops on) a Linux kernel's CPL0 code is emulated
 //! instruction by instruction and does not get through boot; the two-node lab, where nested
 //! KVM is real, is where Linux guests run (`gmem-lab`'s `linux-guest` test).
 
+pub(crate) mod acpi;
 pub(crate) mod cpu;
 pub(crate) mod devices;
 pub(crate) mod loader;
@@ -199,7 +201,7 @@ pub(crate) fn create_platform(vm: &VmFd) -> Result<(), LinuxError> {
 }
 
 /// Loads the kernel, initramfs and command line, the boot GDT and page tables, and the MP
-/// table for `vcpus`; then connects the serial console.
+/// and ACPI tables for `vcpus`; then connects the serial console.
 pub(crate) fn load(
     vm: &VmFd,
     memory: &GuestMemory,
@@ -220,6 +222,7 @@ pub(crate) fn load(
             MPTABLE_GPA,
             mptable::mptable(vcpus).map_err(LinuxError::MpTable)?,
         ),
+        (acpi::ACPI_GPA, acpi::tables(vcpus)),
     ];
     if matches!(loaded.entry, Entry::Linux64 { .. }) {
         writes.extend(cpu::page_tables());

@@ -1,4 +1,4 @@
-//! The MP spec 1.4 table from which a Linux guest booted with acpi=off learns its vCPUs and IOAPIC.
+//! The MP spec 1.4 table from which a Linux guest without ACPI (or booted with acpi=off) learns its vCPUs and IOAPIC.
 
 /// Guest physical address where the table goes: the start of the EBDA-sized area 0x9fc00 that
 /// the e820 map marks reserved.

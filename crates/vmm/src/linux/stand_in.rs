@@ -13,8 +13,9 @@ use iced_x86::code_asm::{
 };
 
 /// What follows the initramfs bytes on the console: "|", the number of memory-map entries
-/// (3: low RAM, the reserved MP table, RAM from 1 MiB), then "A" for a local APIC in CPUID.
-pub const EXPECTED_CONSOLE_TAIL: &str = "|3A";
+/// (4: low RAM, the reserved MP table, the reserved ACPI tables, RAM from 1 MiB), then "A"
+/// for a local APIC in CPUID.
+pub const EXPECTED_CONSOLE_TAIL: &str = "|4A";
 
 const KERNEL_GPA: u64 = 0x10_0000;
 const COM1: u32 = 0x3F8;
