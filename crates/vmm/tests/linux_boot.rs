@@ -25,7 +25,7 @@ fn one_vm_at_a_time() -> MutexGuard<'static, ()> {
 
 /// Boots `kernel` with an initramfs and a command line, waits for the guest's reset, and
 /// checks what the stand-in printed: the command line, the initramfs, and
-/// [`EXPECTED_CONSOLE_TAIL`] (four memory-map entries, a local APIC).
+/// [`EXPECTED_CONSOLE_TAIL`] (four memory-map entries, the RSDP, a local APIC).
 fn assert_boots(test: &str, kernel: Vec<u8>) {
     let dir = temp_dir(test);
     if let Some(console) = boot(test, &dir, kernel) {

@@ -13,9 +13,10 @@ use iced_x86::code_asm::{
 };
 
 /// What follows the initramfs bytes on the console: "|", the number of memory-map entries
-/// (4: low RAM, the reserved MP table, the reserved ACPI tables, RAM from 1 MiB), then "A"
-/// for a local APIC in CPUID.
-pub const EXPECTED_CONSOLE_TAIL: &str = "|4A";
+/// (4: low RAM, the reserved MP table, the reserved ACPI tables, RAM from 1 MiB), "|", the
+/// signature found at the RSDP pointer (zero page `acpi_rsdp_addr`, or PVH `rsdp_paddr`),
+/// then "A" for a local APIC in CPUID.
+pub const EXPECTED_CONSOLE_TAIL: &str = "|4|RSD PTR A";
 
 const KERNEL_GPA: u64 = 0x10_0000;
 const COM1: u32 = 0x3F8;
@@ -25,10 +26,10 @@ const I8042_COMMAND: u32 = 0x64;
 #[derive(Debug, Clone, Copy)]
 enum Protocol {
     /// RSI = zero page: cmd_line_ptr at 0x228, ramdisk_image/size at 0x218/0x21C,
-    /// e820_entries at 0x1E8.
+    /// e820_entries at 0x1E8, acpi_rsdp_addr at 0x70.
     Linux64,
     /// EBX = start_info: cmdline_paddr at 24, modlist_paddr at 16 (module paddr at 0, size at
-    /// 8), memmap_entries at 48.
+    /// 8), rsdp_paddr at 32, memmap_entries at 48.
     Pvh,
 }
 
@@ -94,6 +95,24 @@ fn stand_in(protocol: Protocol, base: u64) -> Result<Vec<u8>, IcedError> {
     }
     a.add(al, b'0' as u32)?;
     a.out(dx, al)?;
+    // "|" and the 8-byte signature at the RSDP pointer the protocol handed over.
+    a.mov(al, b'|' as u32)?;
+    a.out(dx, al)?;
+    match protocol {
+        Protocol::Linux64 => a.mov(edi, dword_ptr(rsi + 0x70))?,
+        Protocol::Pvh => a.mov(edi, dword_ptr(ebx + 32))?,
+    }
+    a.mov(ecx, 8u32)?;
+    let mut signature_loop = a.create_label();
+    a.set_label(&mut signature_loop)?;
+    match protocol {
+        Protocol::Linux64 => a.mov(al, byte_ptr(rdi))?,
+        Protocol::Pvh => a.mov(al, byte_ptr(edi))?,
+    }
+    a.out(dx, al)?;
+    a.inc(edi)?;
+    a.dec(ecx)?;
+    a.jnz(signature_loop)?;
     // "A" if CPUID says there is a local APIC, "N" if not.
     let mut no_apic = a.create_label();
     a.mov(eax, 1u32)?;
