@@ -5,13 +5,13 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use gmem::memory::{ChunkLayout, GmemFlags, GuestMemfd, GuestMemory, page_size};
+use gmem::memory::{ChunkLayout, GmemFlags, GuestMemfd, GuestMemory, Policy, page_size};
 use gmem::migrate::{
     ContentCheck, ContentCopier, CopierError, CopyOutcome, InjectedFailure, MechanismChoice,
     MechanismKind, MigrateError, MigrationReport, MigrationRequest, Migrator, NothingToQuiesce,
     PlacementPolicy, RestoredTo, StepOutcome,
 };
-use gmem::numa::{NodeId, Topology};
+use gmem::numa::{NodeId, NodeMask, Topology};
 use gmem::testing::{self, Writers, can_read_pfns, kvm_or_skip};
 use proptest::prelude::*;
 
@@ -218,11 +218,13 @@ fn a_range_already_in_place_moves_nothing() {
     assert_eq!(mem.chunk_offsets(), offsets, "nothing may be remapped");
 }
 
+/// Runs a migration with `failure` injected and checks that nothing was lost. Returns the
+/// report and the future-allocation policy of each guest chunk afterwards.
 fn injected(
     mechanism: MechanismKind,
     failure: InjectedFailure,
     layout: ChunkLayout,
-) -> MigrationReport {
+) -> (MigrationReport, Vec<Policy>) {
     let (_kvm, vm) = kvm_or_skip("injected failure").expect("checked by caller");
     let mem = GuestMemory::create(vm, layout, GmemFlags::HOST_MAPPABLE).unwrap();
     mem.bind_to_vm().unwrap();
@@ -246,7 +248,11 @@ fn injected(
         report.pages_moved + report.pages_not_moved,
         report.pages_planned
     );
-    report
+    let chunks = mem.layout().chunks();
+    let policies = (0..chunks)
+        .map(|chunk| mem.policy_at(mem.chunk_offset(chunk)).unwrap())
+        .collect();
+    (report, policies)
 }
 
 #[test]
@@ -254,11 +260,14 @@ fn failures_halfway_restore_every_byte() {
     if kvm_or_skip("failures_halfway_restore_every_byte").is_none() {
         return;
     }
-    let refault = injected(
+    let bound = Policy::Bind(NodeMask::single(home_node()));
+    let (refault, policies) = injected(
         MechanismKind::Refault,
         InjectedFailure::AllocateAfterPunch(1),
         ChunkLayout::single_slot(4 * MIB),
     );
+    // Its one step did not finish: no binding to a target that may not take new pages.
+    assert_eq!(policies, [Policy::Default]);
     match &refault.failures[0].outcome {
         StepOutcome::Restored { reason, to } => {
             assert_eq!(*to, RestoredTo::Original);
@@ -268,12 +277,17 @@ fn failures_halfway_restore_every_byte() {
     }
     assert!(refault.pages_moved > 0, "step 0 moved before step 1 failed");
 
-    let swap = injected(
+    let (swap, policies) = injected(
         MechanismKind::Remap,
         InjectedFailure::SwapFails(2),
         ChunkLayout::chunked(8 * MIB, 2 * MIB, 1),
     );
     assert_eq!(swap.pages_moved, 2 * 2 * MIB / page_size());
+    // Chunks 0 and 1 moved and stay bound to the target; 2 failed and 3 never started.
+    assert_eq!(
+        policies,
+        [bound.clone(), bound, Policy::Default, Policy::Default]
+    );
     assert!(matches!(
         swap.failures[0].outcome,
         StepOutcome::Restored {
@@ -282,7 +296,7 @@ fn failures_halfway_restore_every_byte() {
         }
     ));
 
-    let corrupt = injected(
+    let (corrupt, _) = injected(
         MechanismKind::Remap,
         InjectedFailure::CorruptCopy(0),
         ChunkLayout::chunked(8 * MIB, 2 * MIB, 1),

@@ -260,7 +260,7 @@ impl<'a> Migrator<'a> {
         // Bind the ranges before moving them too: a page the guest touches for the first time
         // during the move is then allocated on the target, not left behind on the old node.
         // (Seen in the lab: 4 of 20,940 pages of a running Linux guest.)
-        self.apply_future_policy(request, &plan)?;
+        self.apply_future_policy(request, &plan, |_| true)?;
         let mut reports: Vec<StepReport> = Vec::new();
         let mut stops: Vec<Duration> = Vec::new();
         let mut pages_moved = 0u64;
@@ -328,20 +328,32 @@ impl<'a> Migrator<'a> {
                 "stopped after the first failed step; {left} later planned steps were not attempted"
             ));
         }
-        // Again after: remap has moved chunks to other guest_memfd offsets.
-        self.apply_future_policy(request, &plan)?;
+        // Again after, for the steps that moved (remap has moved chunks to other guest_memfd
+        // offsets). The others go back to the default policy: binding a range to a target
+        // that could not take it would make the guest's next first touch there an OOM kill.
+        // A step moved when it was started and every batch of it that ran moved (a failed
+        // batch ends the migration, so the batches after it never ran).
+        let moved = |step: &Step| {
+            let range = step.guest_offset..step.guest_offset + step.len;
+            let mut batches = reports.iter().filter(|r| range.contains(&r.guest_offset));
+            attempted.contains(&step.guest_offset)
+                && batches.all(|r| r.outcome == StepOutcome::Moved)
+        };
+        self.apply_future_policy(request, &plan, moved)?;
         let after = self.memory.guest_placement()?;
         Ok(self.finish(
             mechanism, request, &plan, reports, &stops, before, after, started, notes,
         ))
     }
 
-    /// Binds each unit's range to its target for future allocations (pages the guest has
-    /// not touched yet), so the placement holds after the move.
+    /// Binds the range of each step `bound` selects to its target for future allocations
+    /// (pages the guest has not touched yet), so the placement holds after the move; the
+    /// other steps' ranges get the default policy.
     fn apply_future_policy(
         &self,
         request: &MigrationRequest,
         plan: &Plan,
+        bound: impl Fn(&Step) -> bool,
     ) -> Result<(), MigrateError> {
         if let PlacementPolicy::Drain(_) = request.policy {
             return Ok(()); // pages elsewhere stay where they are; only moved units changed
@@ -350,11 +362,13 @@ impl<'a> Migrator<'a> {
         for step in &plan.steps {
             let chunk = step.guest_offset / chunk_size;
             let offset = self.memory.chunk_offset(chunk) + step.guest_offset % chunk_size;
-            self.memory.set_policy_unchecked(
-                offset,
-                step.len,
-                &Policy::Bind(NodeMask::single(step.target)),
-            )?;
+            let policy = if bound(step) {
+                Policy::Bind(NodeMask::single(step.target))
+            } else {
+                Policy::Default
+            };
+            self.memory
+                .set_policy_unchecked(offset, step.len, &policy)?;
         }
         Ok(())
     }
