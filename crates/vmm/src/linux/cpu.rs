@@ -135,7 +135,7 @@ pub(crate) fn entry_regs(entry: Entry) -> kvm_regs {
 }
 
 /// KVM's supported CPUID, told which vCPU it runs on: the initial APIC ID in leaf 1 and the
-/// x2APIC ID of the topology leaves, so Linux matches each CPU to its MP table entry.
+/// x2APIC ID of the topology leaves, so Linux matches each CPU to its MP table or MADT entry.
 pub(crate) fn vcpu_cpuid(supported: &CpuId, index: u32) -> CpuId {
     let mut cpuid = supported.clone();
     for entry in cpuid.as_mut_slice() {

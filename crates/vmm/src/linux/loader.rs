@@ -77,7 +77,7 @@ enum ImageKind {
 }
 
 /// Loads `kernel` (and `initramfs`) into guest RAM `0..mem_size` and writes the boot
-/// structures its protocol needs. The MP table is written by the caller.
+/// structures its protocol needs. The MP and ACPI tables are written by the caller.
 pub(crate) fn load(
     memory: &GuestMemory,
     mem_size: u64,
