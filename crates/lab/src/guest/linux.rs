@@ -18,7 +18,7 @@ use super::Verdict;
 use super::checks::GuestError;
 use super::gmemctl::{AWAY, GMEMCTL, HOME, content_counts, preferring, run_gmemctl, tail, verdict};
 use crate::initramfs::{L2_INITRAMFS, L2_KERNEL};
-use crate::memcheck::{MARKER, MIB_VAR, ROLE, ROLE_VAR};
+use crate::memcheck::{MARKER, MIB_VAR, ROLE, ROLE_VAR, SWEEPS_VAR};
 use crate::report::Status;
 
 /// Where the guest kernel is to find its CPUs: the VMM offers both.
@@ -78,6 +78,8 @@ const RUN_FLAGS: [&str; 4] = ["--kernel", "--initramfs", "--cmdline", "--console
 /// From `gmemctl run` to the checker's first verified sweep: a full Debian kernel boots on
 /// KVM nested in TCG in 6-17 s; ten times that and more before calling it hung.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// Sweeps `linux-guest-reboot`'s guest runs before it reboots.
+const REBOOT_AFTER_SWEEPS: u64 = 2;
 /// How long the guest's undisturbed sweep rate is measured before the first move.
 const RATE_WINDOW: Duration = Duration::from_secs(4);
 /// Sweeps the guest must complete after each move, with the memory in its new place.
@@ -530,22 +532,16 @@ fn move_guest(
     Ok(after.map(|_| detail))
 }
 
-/// `linux-guest` (remap, Debian's kernel) and `linux-guest-native` (native, our kernel):
-/// boot a Linux guest with `vcpus` vCPUs under gmemctl on nested KVM, check that its kernel
-/// brought all of them up, move all its memory to node 1 and back with `mechanism` while it
-/// checks that memory, and stop it with SIGTERM.
-pub fn linux_guest(
-    mechanism: &'static str,
-    vcpus: u32,
-    cpu_tables: CpuTables,
-) -> Result<Verdict, GuestError> {
+/// Why a Linux-guest test cannot run here (a skip or a failure), if it cannot: no gmemctl,
+/// a gmemctl without `run --kernel`, or an initramfs without the nested guest's files.
+fn preflight() -> Result<Option<Verdict>, GuestError> {
     if !Path::new(GMEMCTL).exists() {
-        return Ok(Verdict {
+        return Ok(Some(Verdict {
             status: Status::Skip,
             detail: json!({
                 "reason": format!("{GMEMCTL} is not in the initramfs (gmem-lab run --gmemctl PATH)")
             }),
-        });
+        }));
     }
     let (missing, stderr) = missing_run_flags()?;
     if !missing.is_empty() {
@@ -556,24 +552,26 @@ pub fn linux_guest(
         if let Some(said) = stderr.lines().find(|l| !l.trim().is_empty()) {
             reason.push_str(&format!(" (it said: {})", said.trim()));
         }
-        return Ok(fail(reason));
+        return Ok(Some(fail(reason)));
     }
     for file in [L2_KERNEL, L2_INITRAMFS] {
         if !Path::new(file).exists() {
-            return Ok(fail(format!(
+            return Ok(Some(fail(format!(
                 "{file} is not in the initramfs: this gmem-lab's initramfs builder predates \
                  the linux-guest test"
-            )));
+            ))));
         }
     }
+    Ok(None)
+}
+
+/// Starts `gmemctl run` on the nested guest with `vcpus` vCPUs and `extra` appended to its
+/// command line; its memory prefers node 0. Returns it, its command line and when it started.
+fn start_vmm(vcpus: u32, extra: &str) -> Result<(Vmm, String, Instant), GuestError> {
     for stale in [CONSOLE, API_SOCK, VMM_LOG] {
         let _ = fs::remove_file(stale);
     }
-
-    let cmdline = format!(
-        "{CMDLINE}{} {ROLE_VAR}={ROLE} {MIB_VAR}={MEMCHECK_MIB}",
-        cpu_tables.cmdline()
-    );
+    let cmdline = format!("{CMDLINE}{extra} {ROLE_VAR}={ROLE} {MIB_VAR}={MEMCHECK_MIB}");
     let vcpus_flag = vcpus.to_string();
     let args = [
         "run",
@@ -593,10 +591,6 @@ pub fn linux_guest(
         API_SOCK,
     ];
     let command = format!("{GMEMCTL} {}", args.join(" "));
-    let spawn_err = |source| GuestError::Spawn {
-        command: command.clone(),
-        source,
-    };
     let log = File::create(VMM_LOG).map_err(|source| GuestError::Spawn {
         command: format!("creating {VMM_LOG} for {command}"),
         source,
@@ -611,10 +605,84 @@ pub fn linux_guest(
         .stdout(log_too)
         .stderr(log);
     gmem::sys::process::kill_with_parent(&mut cmd);
-    // The guest's memory starts on node 0, so the first move takes all of it to node 1.
+    // The guest's memory starts on node 0, so a first move takes all of it to node 1.
     let started = Instant::now();
-    let child = preferring(HOME as u32, &command, || cmd.spawn())?.map_err(spawn_err)?;
-    let mut vmm = Vmm { child };
+    let child =
+        preferring(HOME as u32, &command, || cmd.spawn())?.map_err(|source| GuestError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    Ok((Vmm { child }, command, started))
+}
+
+/// `linux-guest-reboot`: the nested guest's checker stops after [`REBOOT_AFTER_SWEEPS`]
+/// sweeps and reboots; `gmemctl run` must see the reset and exit 0 by itself.
+pub fn linux_guest_reboot() -> Result<Verdict, GuestError> {
+    if let Some(verdict) = preflight()? {
+        return Ok(verdict);
+    }
+    let extra = format!(" {SWEEPS_VAR}={REBOOT_AFTER_SWEEPS}");
+    let (mut vmm, command, started) = start_vmm(1, &extra)?;
+    let mut problems = Vec::new();
+    let deadline = started + BOOT_TIMEOUT;
+    let status = loop {
+        if let Some(status) = vmm.exited() {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            problems.push(format!(
+                "gmemctl run still ran {} s after it started: the guest's reboot did not end it",
+                BOOT_TIMEOUT.as_secs()
+            ));
+            break None;
+        }
+        thread::sleep(POLL);
+    };
+    let (console, m) = read_console();
+    let vmm_log = fs::read_to_string(VMM_LOG).unwrap_or_default();
+    let done = format!("{MARKER} done sweeps={REBOOT_AFTER_SWEEPS} mismatches=0");
+    if !console.contains(&done) {
+        problems.push(format!("the console never said {done:?}"));
+    }
+    if status.is_some_and(|s| !s.success()) {
+        problems.push(format!("gmemctl run exited with {status:?}"));
+    }
+    if status.is_some() && !vmm_log.contains("the guest requested a reset") {
+        problems.push("gmemctl run did not report the guest's reset".into());
+    }
+    if m.mismatch_lines > 0 || m.kernel_panic {
+        problems.push(format!(
+            "the guest found {} wrong words or panicked ({})",
+            m.mismatch_lines, m.kernel_panic
+        ));
+    }
+    let mut detail = json!({
+        "command": command,
+        "sweeps": m.sweeps,
+        "vmm_exit": status.and_then(|s| s.code()),
+        "run_s": started.elapsed().as_secs_f64(),
+        "problems": problems,
+    });
+    if !problems.is_empty() {
+        detail["console_tail"] = json!(last_lines(&console, TAIL_LINES));
+        detail["vmm_log_tail"] = json!(last_lines(&vmm_log, TAIL_LINES));
+    }
+    Ok(verdict(&problems, detail))
+}
+
+/// `linux-guest` (remap, Debian's kernel) and `linux-guest-native` (native, our kernel):
+/// boot a Linux guest with `vcpus` vCPUs under gmemctl on nested KVM, check that its kernel
+/// brought all of them up, move all its memory to node 1 and back with `mechanism` while it
+/// checks that memory, and stop it with SIGTERM.
+pub fn linux_guest(
+    mechanism: &'static str,
+    vcpus: u32,
+    cpu_tables: CpuTables,
+) -> Result<Verdict, GuestError> {
+    if let Some(verdict) = preflight()? {
+        return Ok(verdict);
+    }
+    let (mut vmm, command, started) = start_vmm(vcpus, cpu_tables.cmdline())?;
 
     let mut problems = Vec::new();
     let mut moves = Vec::new();

@@ -75,6 +75,12 @@ pub const BUILTIN: &[TestInfo] = &[
                 (complete, content-checked, every resident page on the target, 2 sweeps after \
                 each move), 0 mismatches, gmemctl run exits 0 on SIGTERM",
     },
+    TestInfo {
+        name: "linux-guest-reboot",
+        about: "the same nested guest's checker stops after 2 sweeps and reboots (reboot=k, \
+                the i8042 reset line): `gmemctl run` sees the reset and exits 0 by itself, \
+                the console ends with `done sweeps=2 mismatches=0`",
+    },
 ];
 
 /// The prefix of an ad-hoc test: `exec:<command>` runs the command in the guest and passes
@@ -112,6 +118,7 @@ fn dispatch(name: &str) -> Result<Verdict, GuestError> {
         "gmemctl-demo" => gmemctl::gmemctl_demo(),
         "full-node" => full_node::full_node(),
         "linux-guest" => linux::linux_guest("remap", 2, linux::CpuTables::Acpi),
+        "linux-guest-reboot" => linux::linux_guest_reboot(),
         _ => match name.strip_prefix(EXEC_PREFIX) {
             Some(cmd) if !cmd.trim().is_empty() => checks::exec(cmd),
             _ => patched::dispatch(name),
