@@ -1,7 +1,7 @@
 //! x86 bits both guests' entry states are made of: control-register and EFER flags, and the
 //! GDT encoding of a segment.
 
-use kvm_bindings::kvm_segment;
+use kvm_bindings::{kvm_segment, kvm_sregs};
 
 /// CR0: protected mode, x87 present, native FPU errors, paging.
 pub(crate) const CR0_PE: u64 = 1 << 0;
@@ -15,6 +15,14 @@ pub(crate) const EFER_LME: u64 = 1 << 8;
 pub(crate) const EFER_LMA: u64 = 1 << 10;
 /// Bit 1 of RFLAGS is always set.
 pub(crate) const RFLAGS_RESERVED: u64 = 1 << 1;
+
+/// Turns on paging and long mode in `sregs`, with the page tables at `pml4`.
+pub(crate) fn enter_long_mode(sregs: &mut kvm_sregs, pml4: u64) {
+    sregs.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG;
+    sregs.cr3 = pml4;
+    sregs.cr4 = CR4_PAE;
+    sregs.efer = EFER_LME | EFER_LMA;
+}
 
 /// The 8-byte GDT descriptor of `segment`, from the same fields KVM caches, so the table in
 /// memory and KVM_SET_SREGS cannot disagree. (A 64-bit system descriptor's upper half is a

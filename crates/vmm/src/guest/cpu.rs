@@ -8,9 +8,7 @@ use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
 use super::abi::EntryArgs;
 use super::layout::{CODE_GPA, GDT_GPA, PML4_GPA, TSS_GPA, stack_top};
-use crate::x86::{
-    CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_RESERVED, gdt_entry,
-};
+use crate::x86::{RFLAGS_RESERVED, enter_long_mode, gdt_entry};
 
 /// I/O privilege level 3: `in`/`out` allowed at CPL3 without an I/O bitmap.
 const RFLAGS_IOPL3: u64 = 3 << 12;
@@ -114,10 +112,7 @@ pub fn gdt() -> Vec<u8> {
 
 /// Special registers for 64-bit CPL3 execution, on top of the vCPU's current ones.
 pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
-    sregs.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG;
-    sregs.cr3 = PML4_GPA;
-    sregs.cr4 = CR4_PAE;
-    sregs.efer = EFER_LME | EFER_LMA;
+    enter_long_mode(&mut sregs, PML4_GPA);
     sregs.cs = USER_CODE.to_kvm();
     let data = USER_DATA.to_kvm();
     (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);

@@ -7,9 +7,7 @@
 use kvm_bindings::{CpuId, kvm_lapic_state, kvm_regs, kvm_segment, kvm_sregs};
 
 use super::loader::Entry;
-use crate::x86::{
-    CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_RESERVED, gdt_entry,
-};
+use crate::x86::{CR0_ET, CR0_NE, CR0_PE, RFLAGS_RESERVED, enter_long_mode, gdt_entry};
 
 /// The boot GDT: null, null, code (0x10), data (0x18), TSS (0x20, two slots).
 pub(crate) const GDT_GPA: u64 = 0x500;
@@ -100,10 +98,7 @@ pub(crate) fn entry_sregs(mut sregs: kvm_sregs, entry: Entry) -> kvm_sregs {
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
     if long {
-        sregs.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG;
-        sregs.cr3 = PML4_GPA;
-        sregs.cr4 = CR4_PAE;
-        sregs.efer = EFER_LME | EFER_LMA;
+        enter_long_mode(&mut sregs, PML4_GPA);
     } else {
         sregs.cr0 = CR0_PE | CR0_ET | CR0_NE;
         sregs.cr3 = 0;
