@@ -52,18 +52,14 @@ fn stand_in(protocol: Protocol, base: u64) -> Result<Vec<u8>, IcedError> {
         Protocol::Pvh => a.mov(edi, dword_ptr(ebx + 24))?,
     }
     a.set_label(&mut cmdline_loop)?;
-    match protocol {
-        Protocol::Linux64 => a.mov(al, byte_ptr(rdi))?,
-        Protocol::Pvh => a.mov(al, byte_ptr(edi))?,
-    }
+    load_byte(&mut a, protocol)?;
     a.test(al, al)?;
     a.jz(cmdline_done)?;
     a.out(dx, al)?;
     a.inc(edi)?;
     a.jmp(cmdline_loop)?;
     a.set_label(&mut cmdline_done)?;
-    a.mov(al, b'|' as u32)?;
-    a.out(dx, al)?;
+    print_separator(&mut a)?;
     match protocol {
         Protocol::Linux64 => {
             a.mov(edi, dword_ptr(rsi + 0x218))?;
@@ -78,17 +74,13 @@ fn stand_in(protocol: Protocol, base: u64) -> Result<Vec<u8>, IcedError> {
     a.set_label(&mut initrd_loop)?;
     a.test(ecx, ecx)?;
     a.jz(initrd_done)?;
-    match protocol {
-        Protocol::Linux64 => a.mov(al, byte_ptr(rdi))?,
-        Protocol::Pvh => a.mov(al, byte_ptr(edi))?,
-    }
+    load_byte(&mut a, protocol)?;
     a.out(dx, al)?;
     a.inc(edi)?;
     a.dec(ecx)?;
     a.jmp(initrd_loop)?;
     a.set_label(&mut initrd_done)?;
-    a.mov(al, b'|' as u32)?;
-    a.out(dx, al)?;
+    print_separator(&mut a)?;
     match protocol {
         Protocol::Linux64 => a.movzx(eax, byte_ptr(rsi + 0x1E8))?,
         Protocol::Pvh => a.mov(eax, dword_ptr(ebx + 48))?,
@@ -96,8 +88,7 @@ fn stand_in(protocol: Protocol, base: u64) -> Result<Vec<u8>, IcedError> {
     a.add(al, b'0' as u32)?;
     a.out(dx, al)?;
     // "|" and the 8-byte signature at the RSDP pointer the protocol handed over.
-    a.mov(al, b'|' as u32)?;
-    a.out(dx, al)?;
+    print_separator(&mut a)?;
     match protocol {
         Protocol::Linux64 => a.mov(edi, dword_ptr(rsi + 0x70))?,
         Protocol::Pvh => a.mov(edi, dword_ptr(ebx + 32))?,
@@ -105,10 +96,7 @@ fn stand_in(protocol: Protocol, base: u64) -> Result<Vec<u8>, IcedError> {
     a.mov(ecx, 8u32)?;
     let mut signature_loop = a.create_label();
     a.set_label(&mut signature_loop)?;
-    match protocol {
-        Protocol::Linux64 => a.mov(al, byte_ptr(rdi))?,
-        Protocol::Pvh => a.mov(al, byte_ptr(edi))?,
-    }
+    load_byte(&mut a, protocol)?;
     a.out(dx, al)?;
     a.inc(edi)?;
     a.dec(ecx)?;
@@ -130,6 +118,20 @@ fn stand_in(protocol: Protocol, base: u64) -> Result<Vec<u8>, IcedError> {
     a.hlt()?;
     a.jmp(halt)?;
     a.assemble(base)
+}
+
+/// `mov al, [rdi]` (64-bit) or `mov al, [edi]` (32-bit): the next byte to print.
+fn load_byte(a: &mut CodeAssembler, protocol: Protocol) -> Result<(), IcedError> {
+    match protocol {
+        Protocol::Linux64 => a.mov(al, byte_ptr(rdi)),
+        Protocol::Pvh => a.mov(al, byte_ptr(edi)),
+    }
+}
+
+/// Prints "|" (DX holds the serial port).
+fn print_separator(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.mov(al, b'|' as u32)?;
+    a.out(dx, al)
 }
 
 fn put(image: &mut [u8], offset: usize, bytes: &[u8]) {
