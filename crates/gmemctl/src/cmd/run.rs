@@ -102,23 +102,24 @@ fn config(args: &Args) -> Result<VmConfig, CliError> {
     if let Some(spare_chunks) = args.spare_chunks {
         config.spare_chunks = spare_chunks;
     }
+    // The Linux flags need --kernel, and override the file's `linux` section field by field.
     if let Some(kernel) = &args.kernel {
-        let previous = config.linux.take();
-        config.linux = Some(LinuxBoot {
+        let linux = config.linux.get_or_insert_with(|| LinuxBoot {
             kernel: kernel.clone(),
-            initramfs: args
-                .initramfs
-                .clone()
-                .or_else(|| previous.as_ref().and_then(|l| l.initramfs.clone())),
-            cmdline: args
-                .cmdline
-                .clone()
-                .or_else(|| previous.as_ref().and_then(|l| l.cmdline.clone())),
-            console: args
-                .console
-                .clone()
-                .or_else(|| previous.as_ref().and_then(|l| l.console.clone())),
+            initramfs: None,
+            cmdline: None,
+            console: None,
         });
+        linux.kernel = kernel.clone();
+        if let Some(initramfs) = &args.initramfs {
+            linux.initramfs = Some(initramfs.clone());
+        }
+        if let Some(cmdline) = &args.cmdline {
+            linux.cmdline = Some(cmdline.clone());
+        }
+        if let Some(console) = &args.console {
+            linux.console = Some(console.clone());
+        }
     }
     config.validate().map_err(|reason| {
         CliError::InvalidArgument(format!("invalid VM configuration: {reason}"))
@@ -178,11 +179,14 @@ pub fn run(kvm_device: &Path, args: Args) -> Result<(), CliError> {
         if stop.load(Ordering::Relaxed) {
             break Ok(());
         }
-        if let Some(at_ms) = vm.metrics().guest_reset_ms {
+        let state = vm.state();
+        // Only a guest's reset stops the VM while this loop runs.
+        if state == VmState::Stopped {
+            let at_ms = vm.metrics().guest_reset_ms.unwrap_or_default();
             eprintln!("gmemctl run: the guest requested a reset after {at_ms} ms; stopping");
             break Ok(());
         }
-        if vm.state() == VmState::Failed {
+        if state == VmState::Failed {
             let failures: Vec<String> = vm
                 .metrics()
                 .vcpus
