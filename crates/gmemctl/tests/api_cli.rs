@@ -4,43 +4,14 @@
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use gmem::testing::kvm_or_skip;
-use serde_json::Value;
 
-fn gmemctl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gmemctl"))
-        .args(args)
-        .output()
-        .expect("gmemctl runs")
-}
+mod common;
 
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn json(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}\nstderr: {}",
-            String::from_utf8_lossy(&out.stdout),
-            stderr(out)
-        )
-    })
-}
-
-/// A user error: exit code 2, the expected sentence, no panic.
-fn assert_user_error(out: &Output, needle: &str) {
-    let err = stderr(out);
-    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
-    assert!(
-        err.contains(needle),
-        "stderr {err:?} should contain {needle:?}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
-}
+use common::{assert_user_error, gmemctl, json, stderr};
 
 /// A private temporary directory, removed on drop.
 struct TempDir(PathBuf);

@@ -1,36 +1,15 @@
 //! The gmemctl binary end to end: probe, status, and the user-error paths with exit code 2.
 
-use std::process::{Command, Output};
+use std::process::Command;
 
 use gmem::memory::{ChunkLayout, GmemFlags, GuestMemory, page_size};
 use gmem::numa::Topology;
 use gmem::testing::kvm_or_skip;
 use serde_json::Value;
 
-fn gmemctl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gmemctl"))
-        .args(args)
-        .output()
-        .expect("gmemctl runs")
-}
+mod common;
 
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// A user error: exit code 2, one sentence naming the cause, no panic or backtrace.
-fn assert_user_error(out: &Output, needle: &str) {
-    let err = stderr(out);
-    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
-    assert!(
-        err.contains(needle),
-        "stderr {err:?} should contain {needle:?}"
-    );
-    assert!(
-        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
-        "{err}"
-    );
-}
+use common::{assert_user_error, gmemctl, stderr};
 
 #[test]
 fn probe_reports_this_host() {
