@@ -335,6 +335,34 @@ fn run_boots_a_linux_kernel_and_exits_when_it_resets() {
 }
 
 #[test]
+fn run_reports_a_triple_fault_as_a_crash_and_exits_non_zero() {
+    if kvm_or_skip("run_reports_a_triple_fault_as_a_crash_and_exits_non_zero").is_none() {
+        return;
+    }
+    let dir = TempDir::new("linux-crash");
+    let kernel = dir.0.join("bzImage");
+    let (image, rip) = vmm::linux::stand_in::triple_fault_bzimage().unwrap();
+    std::fs::write(&kernel, image).unwrap();
+    let out = gmemctl(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--mem",
+        "64M",
+        "--console",
+        dir.0.join("console").to_str().unwrap(),
+        "--api-sock",
+        dir.0.join("api.sock").to_str().unwrap(),
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "a crash is not a clean exit: {err}");
+    assert!(err.contains("the guest crashed after"), "{err}");
+    assert!(err.contains("triple-faulted"), "{err}");
+    assert!(err.contains(&format!("RIP {rip:#x}")), "the registers are logged: {err}");
+    assert!(!err.contains("requested a reset"), "{err}");
+}
+
+#[test]
 fn run_refuses_kernels_it_cannot_boot_with_exit_code_2() {
     let dir = TempDir::new("linux-refusals");
     let sock = dir.0.join("api.sock");

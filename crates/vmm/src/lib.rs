@@ -27,6 +27,8 @@ pub use config::{
 pub use error::VmError;
 pub use guest::layout::Slice;
 pub use histogram::{LatencyHistogram, LatencySummary};
-pub use metrics::{Metrics, MismatchReport, VcpuMetrics, VmState};
+pub use metrics::{
+    GuestReset, Metrics, MismatchReport, ResetCause, VcpuMetrics, VcpuSnapshot, VmState,
+};
 pub use quiesce::VmQuiesce;
 pub use vm::{LinuxSummary, Vm};

@@ -28,6 +28,136 @@ pub struct MismatchReport {
     pub found: u64,
 }
 
+/// How the guest ended its VM by itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum ResetCause {
+    /// The guest pulsed the CPU reset line through the i8042 keyboard controller (0xFE to
+    /// port 0x64): the reboot Linux does with `reboot=k`. A clean end the guest asked for.
+    KeyboardController {
+        /// The vCPU that wrote the command.
+        vcpu: u32,
+    },
+    /// KVM_EXIT_SHUTDOWN: the vCPU triple-faulted (an exception while delivering a double
+    /// fault), which resets a PC. A crash unless the guest meant it (`reboot=t`).
+    TripleFault {
+        /// The vCPU that faulted.
+        vcpu: u32,
+        /// Its registers when KVM reported the shutdown.
+        state: Box<VcpuSnapshot>,
+    },
+}
+
+impl ResetCause {
+    /// Whether the guest asked for it: only the keyboard controller's reset line is a
+    /// request; a triple fault is a crash.
+    pub fn is_requested(&self) -> bool {
+        matches!(self, ResetCause::KeyboardController { .. })
+    }
+}
+
+impl std::fmt::Display for ResetCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResetCause::KeyboardController { vcpu } => write!(
+                f,
+                "vCPU {vcpu} pulsed the reset line through the i8042 keyboard controller"
+            ),
+            ResetCause::TripleFault { vcpu, state } => {
+                write!(f, "vCPU {vcpu} triple-faulted (KVM_EXIT_SHUTDOWN): {state}")
+            }
+        }
+    }
+}
+
+/// A vCPU's architectural state, kept when it crashed (KVM_GET_REGS, KVM_GET_SREGS,
+/// KVM_GET_VCPU_EVENTS, and KVM_TRANSLATE of RIP and RSP).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VcpuSnapshot {
+    /// General registers: rax, rbx, rcx, rdx, rsi, rdi, rbp, rsp, r8..r15 in that order.
+    pub gprs: [u64; 16],
+    /// Instruction pointer.
+    pub rip: u64,
+    /// Flags.
+    pub rflags: u64,
+    /// Control registers CR0, CR2 (last page-fault address), CR3, CR4, CR8.
+    pub cr: [u64; 5],
+    /// EFER.
+    pub efer: u64,
+    /// Code segment selector and base.
+    pub cs: (u16, u64),
+    /// Stack segment selector.
+    pub ss: u16,
+    /// IDT base and limit.
+    pub idt: (u64, u16),
+    /// GDT base and limit.
+    pub gdt: (u64, u16),
+    /// Guest-physical address of RIP, if its page is mapped.
+    pub rip_gpa: Option<u64>,
+    /// Guest-physical address of RSP, if its page is mapped.
+    pub rsp_gpa: Option<u64>,
+    /// The exception KVM had pending or injected, if any: (vector, error code).
+    pub exception: Option<(u8, Option<u32>)>,
+    /// What could not be read (an ioctl that failed), if anything.
+    pub unreadable: Vec<String>,
+}
+
+impl std::fmt::Display for VcpuSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let gpa = |a: Option<u64>| a.map_or_else(|| "unmapped".to_string(), |a| format!("{a:#x}"));
+        write!(
+            f,
+            "RIP {:#x} (gpa {}) RSP {:#x} (gpa {}) RFLAGS {:#x} CR0 {:#x} CR2 {:#x} CR3 {:#x} \
+             CR4 {:#x} EFER {:#x} CS {:#x}@{:#x} SS {:#x} IDT {:#x}/{:#x} GDT {:#x}/{:#x}",
+            self.rip,
+            gpa(self.rip_gpa),
+            self.gprs[7],
+            gpa(self.rsp_gpa),
+            self.rflags,
+            self.cr[0],
+            self.cr[1],
+            self.cr[2],
+            self.cr[3],
+            self.efer,
+            self.cs.0,
+            self.cs.1,
+            self.ss,
+            self.idt.0,
+            self.idt.1,
+            self.gdt.0,
+            self.gdt.1
+        )?;
+        if let Some((vector, code)) = self.exception {
+            write!(f, "; pending exception {vector}")?;
+            if let Some(code) = code {
+                write!(f, " (error code {code:#x})")?;
+            }
+        }
+        let names = [
+            "RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RBP", "RSP", "R8", "R9", "R10", "R11",
+            "R12", "R13", "R14", "R15",
+        ];
+        for (name, value) in names.iter().zip(self.gprs) {
+            write!(f, " {name} {value:#x}")?;
+        }
+        if !self.unreadable.is_empty() {
+            write!(f, "; unreadable: {}", self.unreadable.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// When and how the guest ended its VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GuestReset {
+    /// Milliseconds from `Vm::start`.
+    pub at_ms: u64,
+    /// What the guest did.
+    pub cause: ResetCause,
+    /// Whether a memory migration held the slot (was planned or running) at that moment.
+    pub during_migration: bool,
+}
+
 /// Whether the guest is running, from the user's point of view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum VmState {
@@ -94,7 +224,9 @@ pub(crate) struct VmCounters {
     started: Instant,
     vcpus_launched: OnceLock<Duration>,
     first_port_write: OnceLock<Duration>,
-    guest_reset: OnceLock<Duration>,
+    guest_reset: OnceLock<GuestReset>,
+    /// Set while a migration job holds the VM's migration slot.
+    migrating: std::sync::atomic::AtomicBool,
     pub(crate) vcpus: Vec<VcpuCounters>,
     mismatch_reports: Mutex<Vec<MismatchReport>>,
     stop_latency: Mutex<LatencyHistogram>,
@@ -109,6 +241,7 @@ impl VmCounters {
             vcpus_launched: OnceLock::new(),
             first_port_write: OnceLock::new(),
             guest_reset: OnceLock::new(),
+            migrating: std::sync::atomic::AtomicBool::new(false),
             vcpus: slices.iter().copied().map(VcpuCounters::new).collect(),
             mismatch_reports: Mutex::new(Vec::new()),
             stop_latency: Mutex::new(LatencyHistogram::default()),
@@ -127,9 +260,19 @@ impl VmCounters {
         self.first_port_write.get_or_init(|| self.started.elapsed());
     }
 
-    /// The guest asked for a reset (a Linux guest rebooted or powered off).
-    pub(crate) fn guest_reset(&self) {
-        self.guest_reset.get_or_init(|| self.started.elapsed());
+    /// The guest ended its VM (a Linux guest rebooted, or a vCPU triple-faulted). The first
+    /// cause is kept.
+    pub(crate) fn guest_reset(&self, cause: ResetCause) {
+        self.guest_reset.get_or_init(|| GuestReset {
+            at_ms: self.started.elapsed().as_millis() as u64,
+            cause,
+            during_migration: self.migrating.load(Ordering::SeqCst),
+        });
+    }
+
+    /// A migration took (`true`) or gave back (`false`) the VM's migration slot.
+    pub(crate) fn set_migrating(&self, migrating: bool) {
+        self.migrating.store(migrating, Ordering::SeqCst);
     }
 
     /// Keeps a mismatch's details (the first few only).
@@ -185,7 +328,8 @@ impl VmCounters {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             vcpus_launched_us: self.vcpus_launched.get().map(|d| d.as_micros() as u64),
             first_port_write_us: self.first_port_write().map(|d| d.as_micros() as u64),
-            guest_reset_ms: self.guest_reset.get().map(|d| d.as_millis() as u64),
+            guest_reset_ms: self.guest_reset.get().map(|r| r.at_ms),
+            guest_reset: self.guest_reset.get().cloned(),
             sweeps: vcpus.iter().map(|v| v.sweeps).sum(),
             bytes_verified: vcpus.iter().map(|v| v.bytes_verified).sum(),
             mismatches: vcpus.iter().map(|v| v.mismatches).sum(),
@@ -209,9 +353,11 @@ pub struct Metrics {
     pub vcpus_launched_us: Option<u64>,
     /// Microseconds from `Vm::start` to the guest's first port write (`None` until then).
     pub first_port_write_us: Option<u64>,
-    /// Milliseconds from `Vm::start` until the guest asked for a reset, which stops the VM
-    /// (`None` while it has not).
+    /// Milliseconds from `Vm::start` until the guest reset (asked for it or crashed), which
+    /// stops the VM (`None` while it has not).
     pub guest_reset_ms: Option<u64>,
+    /// How the guest reset, with a crashed vCPU's registers (`None` while it has not).
+    pub guest_reset: Option<GuestReset>,
     /// Per-vCPU progress.
     pub vcpus: Vec<VcpuMetrics>,
     /// Sweeps of all vCPUs.

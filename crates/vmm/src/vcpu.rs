@@ -10,7 +10,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::guest::abi::{PORT_HELLO, PORT_MISMATCH, PORT_SWEEP_DONE};
 use crate::linux::devices::{LegacyDevices, PortOutcome};
-use crate::metrics::{MismatchReport, VmCounters};
+use crate::metrics::{MismatchReport, ResetCause, VcpuSnapshot, VmCounters};
 use crate::quiesce::{Checkpoint, RunControl};
 
 /// What the guest's port I/O and MMIO reach.
@@ -32,8 +32,10 @@ enum Event {
     InternalError,
     /// A device handled the exit.
     Handled,
-    /// The guest asked for a reset; the VM stops.
+    /// The guest pulsed the i8042 reset line; the VM stops.
     Reset,
+    /// KVM_EXIT_SHUTDOWN: a triple fault; the VM stops.
+    TripleFault,
     /// A kick: KVM_RUN returned EINTR.
     Kicked,
     /// Anything else: the guest can no longer run.
@@ -115,8 +117,9 @@ fn run(
                 Event::Handled
             }
             (Ok(VcpuExit::MmioWrite(..)), Platform::Linux(_)) => Event::Handled,
-            // A triple fault resets a PC; Linux uses one as its last way to reboot.
-            (Ok(VcpuExit::Shutdown), Platform::Linux(_)) => Event::Reset,
+            // A triple fault resets a PC. Linux reboots this way only when told to
+            // (`reboot=t`) or when every other way failed; otherwise it is a crash.
+            (Ok(VcpuExit::Shutdown), Platform::Linux(_)) => Event::TripleFault,
             (Ok(VcpuExit::Shutdown), Platform::BuiltIn) => Event::Fatal(
                 "the guest triple-faulted (KVM_EXIT_SHUTDOWN): it took an exception, and it \
                  has no IDT"
@@ -148,7 +151,16 @@ fn run(
                 ));
             }
             Event::Reset => {
-                counters.guest_reset();
+                counters.guest_reset(ResetCause::KeyboardController { vcpu: index as u32 });
+                control.begin_shutdown();
+                return Ok(());
+            }
+            Event::TripleFault => {
+                let state = Box::new(snapshot(vcpu.fd()));
+                counters.guest_reset(ResetCause::TripleFault {
+                    vcpu: index as u32,
+                    state,
+                });
                 control.begin_shutdown();
                 return Ok(());
             }
@@ -178,5 +190,51 @@ fn run(
             }
             Event::Fatal(reason) => return Err(reason),
         }
+    }
+}
+
+/// The registers of a vCPU that stopped, for the post-mortem: whatever KVM can still tell.
+fn snapshot(vcpu: &VcpuFd) -> VcpuSnapshot {
+    let mut unreadable = Vec::new();
+    let regs = vcpu
+        .get_regs()
+        .inspect_err(|e| unreadable.push(format!("KVM_GET_REGS: {e}")))
+        .unwrap_or_default();
+    let sregs = vcpu
+        .get_sregs()
+        .inspect_err(|e| unreadable.push(format!("KVM_GET_SREGS: {e}")))
+        .unwrap_or_default();
+    let events = vcpu
+        .get_vcpu_events()
+        .inspect_err(|e| unreadable.push(format!("KVM_GET_VCPU_EVENTS: {e}")))
+        .ok();
+    let translate = |gva: u64| {
+        vcpu.translate_gva(gva)
+            .ok()
+            .filter(|t| t.valid != 0)
+            .map(|t| t.physical_address)
+    };
+    let exception = events.and_then(|e| {
+        let x = e.exception;
+        (x.injected != 0 || x.pending != 0)
+            .then(|| (x.nr, (x.has_error_code != 0).then_some(x.error_code)))
+    });
+    VcpuSnapshot {
+        gprs: [
+            regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rbp, regs.rsp,
+            regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
+        ],
+        rip: regs.rip,
+        rflags: regs.rflags,
+        cr: [sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4, sregs.cr8],
+        efer: sregs.efer,
+        cs: (sregs.cs.selector, sregs.cs.base),
+        ss: sregs.ss.selector,
+        idt: (sregs.idt.base, sregs.idt.limit),
+        gdt: (sregs.gdt.base, sregs.gdt.limit),
+        rip_gpa: translate(regs.rip),
+        rsp_gpa: translate(regs.rsp),
+        exception,
+        unreadable,
     }
 }

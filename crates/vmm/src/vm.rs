@@ -186,6 +186,11 @@ impl Vm {
         }
     }
 
+    /// Marks whether a migration holds the VM's migration slot, for the guest-reset report.
+    pub(crate) fn set_migrating(&self, migrating: bool) {
+        self.counters.set_migrating(migrating);
+    }
+
     /// A snapshot of everything measured so far.
     pub fn metrics(&self) -> Metrics {
         self.counters.snapshot(self.state())

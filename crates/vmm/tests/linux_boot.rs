@@ -12,8 +12,8 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vmm::linux::stand_in::{EXPECTED_CONSOLE_TAIL, bzimage, pvh_elf};
-use vmm::{LinuxBoot, Vm, VmConfig, VmState};
+use vmm::linux::stand_in::{EXPECTED_CONSOLE_TAIL, bzimage, pvh_elf, triple_fault_bzimage};
+use vmm::{LinuxBoot, ResetCause, Vm, VmConfig, VmState};
 
 const MIB: u64 = 1 << 20;
 
@@ -28,7 +28,13 @@ fn one_vm_at_a_time() -> MutexGuard<'static, ()> {
 /// [`EXPECTED_CONSOLE_TAIL`] (four memory-map entries, the RSDP, a local APIC).
 fn assert_boots(test: &str, kernel: Vec<u8>) {
     let dir = temp_dir(test);
-    if let Some(console) = boot(test, &dir, kernel) {
+    if let Some((console, cause)) = boot(test, &dir, kernel) {
+        assert_eq!(
+            cause,
+            ResetCause::KeyboardController { vcpu: 0 },
+            "{test}: the stand-in resets through the i8042"
+        );
+        assert!(cause.is_requested());
         assert_eq!(
             console,
             format!("console=ttyS0 gmemctl=yes|initramfs-bytes{EXPECTED_CONSOLE_TAIL}"),
@@ -39,8 +45,8 @@ fn assert_boots(test: &str, kernel: Vec<u8>) {
 }
 
 /// Boots `kernel` with an initramfs and a command line, waits for the guest's reset, and
-/// returns the console text.
-fn boot(test: &str, dir: &Path, kernel: Vec<u8>) -> Option<String> {
+/// returns the console text and how the guest reset.
+fn boot(test: &str, dir: &Path, kernel: Vec<u8>) -> Option<(String, ResetCause)> {
     gmem::testing::kvm_or_skip(test)?;
     let _one = one_vm_at_a_time();
     let kernel_path = dir.join("kernel");
@@ -85,7 +91,8 @@ fn boot(test: &str, dir: &Path, kernel: Vec<u8>) -> Option<String> {
     assert_eq!(end - start, b"initramfs-bytes".len() as u64);
     assert_eq!(start % 4096, 0, "{test}: the initramfs is page-aligned");
     assert!(end <= 64 * MIB, "{test}: the initramfs is inside RAM");
-    Some(std::fs::read_to_string(&console_path).unwrap())
+    let cause = metrics.guest_reset.expect("a reset is recorded").cause;
+    Some((std::fs::read_to_string(&console_path).unwrap(), cause))
 }
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
@@ -102,6 +109,37 @@ fn a_bzimage_gets_its_zero_page_command_line_and_initramfs() {
 #[test]
 fn a_pvh_kernel_gets_its_start_info_command_line_and_module() {
     assert_boots("pvh", pvh_elf().unwrap());
+}
+
+#[test]
+fn a_triple_fault_is_reported_as_a_crash_with_the_vcpus_registers() {
+    let dir = temp_dir("triple-fault");
+    let (image, faulting_rip) = triple_fault_bzimage().unwrap();
+    if let Some((console, cause)) = boot("triple-fault", &dir, image) {
+        assert_eq!(console, "T", "the crashing stand-in ran");
+        let ResetCause::TripleFault { vcpu, state } = &cause else {
+            panic!("a triple fault was reported as {cause:?}");
+        };
+        assert!(!cause.is_requested(), "a triple fault is a crash");
+        assert_eq!(*vcpu, 0);
+        assert_eq!(
+            state.rip, faulting_rip,
+            "RIP is the instruction that faulted"
+        );
+        assert_eq!(state.idt.1, 0, "the empty IDT the stand-in loaded");
+        assert_eq!(
+            state.rip_gpa,
+            Some(faulting_rip),
+            "identity-mapped boot page tables"
+        );
+        assert!(state.unreadable.is_empty(), "{:?}", state.unreadable);
+        let text = cause.to_string();
+        assert!(
+            text.contains("triple-faulted") && text.contains(&format!("RIP {faulting_rip:#x}")),
+            "{text}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]

@@ -17,6 +17,9 @@ use crate::units::parse_size;
 
 /// How often the main thread looks at the signal flag and the guest.
 const WATCH_PERIOD: Duration = Duration::from_millis(50);
+/// How long a VM whose guest reset mid-migration keeps serving the API, so that the client
+/// of the migration reads the job's final report (it polls every 100 ms).
+const RESET_REPORT_GRACE: Duration = Duration::from_millis(500);
 
 /// Options of `gmemctl run`.
 #[derive(Debug, clap::Args)]
@@ -182,9 +185,7 @@ pub fn run(kvm_device: &Path, args: Args) -> Result<(), CliError> {
         let state = vm.state();
         // Only a guest's reset stops the VM while this loop runs.
         if state == VmState::Stopped {
-            let at_ms = vm.metrics().guest_reset_ms.unwrap_or_default();
-            eprintln!("gmemctl run: the guest requested a reset after {at_ms} ms; stopping");
-            break Ok(());
+            break judge_reset(&server, vm.metrics().guest_reset);
         }
         if state == VmState::Failed {
             let failures: Vec<String> = vm
@@ -234,4 +235,34 @@ pub fn run(kvm_device: &Path, args: Args) -> Result<(), CliError> {
         )));
     }
     Ok(())
+}
+
+/// What a guest's reset means for `gmemctl run`: a reboot the guest asked for (the i8042
+/// reset line) ends it cleanly; a triple fault is a crash, and a reset while a migration runs
+/// loses the guest's memory mid-move: both are failures, never a clean exit.
+fn judge_reset(server: &ApiServer, reset: Option<vmm::GuestReset>) -> Result<(), CliError> {
+    let Some(reset) = reset else {
+        return Err(CliError::CheckFailed(
+            "the VM stopped without a recorded reason; stopping".into(),
+        ));
+    };
+    if reset.during_migration {
+        // Let the job record the reset in its report, and let a client polling it read it.
+        server.api().join_migrations();
+        std::thread::sleep(RESET_REPORT_GRACE);
+    }
+    let at = reset.at_ms;
+    match (&reset.cause, reset.during_migration) {
+        (cause, false) if cause.is_requested() => {
+            eprintln!("gmemctl run: the guest requested a reset after {at} ms ({cause}); stopping");
+            Ok(())
+        }
+        (cause, false) => Err(CliError::CheckFailed(format!(
+            "the guest crashed after {at} ms: {cause}; stopping"
+        ))),
+        (cause, true) => Err(CliError::CheckFailed(format!(
+            "the guest reset after {at} ms while a migration was moving its memory: {cause}; \
+             stopping"
+        ))),
+    }
 }

@@ -49,7 +49,11 @@ impl Job {
         match &*lock(&self.status) {
             Status::Running { .. } => JobState::Running,
             Status::Finished { report, guest, .. } => {
-                if report.complete && report.content_mismatches == 0 && guest.mismatches == 0 {
+                if report.complete
+                    && report.content_mismatches == 0
+                    && guest.mismatches == 0
+                    && guest.reset.is_none()
+                {
                     JobState::Succeeded
                 } else {
                     JobState::Incomplete
@@ -84,7 +88,7 @@ impl Job {
             } => {
                 view.elapsed_ms = ms(*elapsed);
                 view.report = Some((**report).clone());
-                view.guest = Some(*guest);
+                view.guest = Some(guest.clone());
             }
             Status::Failed { error, elapsed } => {
                 view.elapsed_ms = ms(*elapsed);
@@ -124,8 +128,11 @@ pub(crate) struct Jobs {
 
 /// Frees the migration slot when dropped: after a refused plan, a failed spawn, or the end
 /// (or panic) of the job thread.
+/// While it lives, the VM counts as migrating (so a guest reset meanwhile is reported as one
+/// that happened during a migration).
 struct Slot {
     jobs: Arc<Jobs>,
+    vm: Arc<Vm>,
     id: u64,
 }
 
@@ -134,6 +141,7 @@ impl Drop for Slot {
         let mut table = lock(&self.jobs.table);
         if table.running == Some(self.id) {
             table.running = None;
+            self.vm.set_migrating(false);
         }
     }
 }
@@ -162,8 +170,10 @@ impl Jobs {
             table.next_id += 1;
             let id = table.next_id;
             table.running = Some(id);
+            vm.set_migrating(true);
             Slot {
                 jobs: Arc::clone(self),
+                vm: Arc::clone(vm),
                 id,
             }
         };
@@ -225,11 +235,14 @@ impl Jobs {
         };
         let after = vm.metrics();
         let elapsed = job.accepted.elapsed();
+        // One job at a time, and a reset stops the VM: a reset during a migration is this one's.
+        let reset = after.guest_reset.filter(|r| r.during_migration);
         match result {
             Ok(report) => {
                 let guest = GuestDuring {
                     mismatches: after.mismatches.saturating_sub(before.mismatches),
                     sweeps: after.sweeps.saturating_sub(before.sweeps),
+                    reset,
                 };
                 {
                     let mut table = lock(&self.table);
@@ -247,7 +260,16 @@ impl Jobs {
                 });
             }
             Err(e) => job.set(Status::Failed {
-                error: sentence(&e),
+                error: match reset {
+                    Some(reset) => format!(
+                        "the guest reset {} ms after the VM started, during this migration \
+                         ({}); the migration stopped: {}",
+                        reset.at_ms,
+                        reset.cause,
+                        sentence(&e)
+                    ),
+                    None => sentence(&e),
+                },
                 elapsed,
             }),
         }

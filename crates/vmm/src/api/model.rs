@@ -99,12 +99,15 @@ pub enum JobState {
 }
 
 /// What the guest saw while a migration ran.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct GuestDuring {
     /// Words the guest found wrong between the job's start and end. Must be 0.
     pub mismatches: u64,
     /// Sweeps (write + verify passes) the guest completed meanwhile.
     pub sweeps: u64,
+    /// The guest reset (rebooted or crashed) while the job ran: the job did not succeed,
+    /// whatever it moved.
+    pub reset: Option<crate::metrics::GuestReset>,
 }
 
 /// `GET /memory/migrations/{id}`.

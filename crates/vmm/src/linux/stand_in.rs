@@ -5,12 +5,13 @@
 //! start_info, the entry state, the memory map, the console and the reset) on hosts where a
 //! real kernel cannot boot, such as PVM's, which emulates every CPL0 instruction: these few
 //! run there in well under a second. The console shows
-//! `<cmdline>|<initramfs bytes>` followed by [`EXPECTED_CONSOLE_TAIL`].
+//! `<cmdline>|<initramfs bytes>` followed by [`EXPECTED_CONSOLE_TAIL`]. A third one crashes
+//! on purpose (a triple fault), for the VMM's crash report.
 
-use iced_x86::IcedError;
 use iced_x86::code_asm::{
-    CodeAssembler, al, byte_ptr, dword_ptr, dx, eax, ebx, ecx, edi, edx, esi, rdi, rsi,
+    CodeAssembler, al, byte_ptr, dword_ptr, dx, eax, ebx, ecx, edi, edx, esi, ptr, rdi, rsi,
 };
+use iced_x86::{BlockEncoderOptions, IcedError};
 
 /// What follows the initramfs bytes on the console: "|", the number of memory-map entries
 /// (4: low RAM, the reserved MP table, the reserved ACPI tables, RAM from 1 MiB), "|", the
@@ -138,9 +139,42 @@ fn put(image: &mut [u8], offset: usize, bytes: &[u8]) {
     image[offset..offset + bytes.len()].copy_from_slice(bytes);
 }
 
+/// A crashing kernel: it prints "T", loads an empty IDT and executes `ud2`. The #UD finds
+/// no gate, nor does the #GP that follows, nor the #DF: a triple fault (KVM_EXIT_SHUTDOWN).
+/// Returns the code and the address of its `ud2`.
+fn triple_fault(base: u64) -> Result<(Vec<u8>, u64), IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    let mut empty_idt = a.create_label();
+    let mut faulting = a.create_label();
+    a.mov(dx, COM1)?;
+    a.mov(al, b'T' as u32)?;
+    a.out(dx, al)?;
+    a.lidt(ptr(empty_idt))?;
+    a.set_label(&mut faulting)?;
+    a.ud2()?;
+    a.set_label(&mut empty_idt)?;
+    a.db(&[0u8; 10])?;
+    let assembled =
+        a.assemble_options(base, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
+    let rip = assembled.label_ip(&faulting)?;
+    Ok((assembled.inner.code_buffer, rip))
+}
+
 /// A bzImage (boot protocol 2.15) whose protected-mode part is `hlt`s up to `startup_64` at
 /// +0x200, where the stand-in code starts.
 pub fn bzimage() -> Result<Vec<u8>, IcedError> {
+    bzimage_around(stand_in(Protocol::Linux64, KERNEL_GPA + 0x200)?)
+}
+
+/// A bzImage that triple-faults right after printing "T", and the guest address of the
+/// instruction that faults.
+pub fn triple_fault_bzimage() -> Result<(Vec<u8>, u64), IcedError> {
+    let (code, rip) = triple_fault(KERNEL_GPA + 0x200)?;
+    Ok((bzimage_around(code)?, rip))
+}
+
+/// A bzImage around `startup_64`'s code.
+fn bzimage_around(startup_64: Vec<u8>) -> Result<Vec<u8>, IcedError> {
     let mut image = vec![0u8; 1024];
     image[0x1F1] = 1; // setup_sects: the boot sector plus one setup sector
     put(&mut image, 0x1FE, &0xAA55u16.to_le_bytes());
@@ -151,7 +185,7 @@ pub fn bzimage() -> Result<Vec<u8>, IcedError> {
     put(&mut image, 0x22C, &0x37FF_FFFFu32.to_le_bytes()); // initrd_addr_max
     put(&mut image, 0x238, &2048u32.to_le_bytes()); // cmdline_size
     image.extend(std::iter::repeat_n(0xF4, 0x200));
-    image.extend(stand_in(Protocol::Linux64, KERNEL_GPA + 0x200)?);
+    image.extend(startup_64);
     Ok(image)
 }
 
