@@ -355,10 +355,17 @@ fn run_reports_a_triple_fault_as_a_crash_and_exits_non_zero() {
         dir.0.join("api.sock").to_str().unwrap(),
     ]);
     let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "a crash is not a clean exit: {err}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a crash is not a clean exit: {err}"
+    );
     assert!(err.contains("the guest crashed after"), "{err}");
     assert!(err.contains("triple-faulted"), "{err}");
-    assert!(err.contains(&format!("RIP {rip:#x}")), "the registers are logged: {err}");
+    assert!(
+        err.contains(&format!("RIP {rip:#x}")),
+        "the registers are logged: {err}"
+    );
     assert!(!err.contains("requested a reset"), "{err}");
 }
 

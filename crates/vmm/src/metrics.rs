@@ -100,6 +100,10 @@ pub struct VcpuSnapshot {
     pub exception: Option<(u8, Option<u32>)>,
     /// What could not be read (an ioctl that failed), if anything.
     pub unreadable: Vec<String>,
+    /// The registers are the INIT state (CS:IP f000:fff0, real mode): KVM on AMD
+    /// re-initialises a vCPU before it reports the shutdown, as its VMCB is undefined after
+    /// one, so the crash's own registers are gone. Intel keeps them.
+    pub reinitialised: bool,
 }
 
 impl std::fmt::Display for VcpuSnapshot {
@@ -142,6 +146,13 @@ impl std::fmt::Display for VcpuSnapshot {
         }
         if !self.unreadable.is_empty() {
             write!(f, "; unreadable: {}", self.unreadable.join(", "))?;
+        }
+        if self.reinitialised {
+            write!(
+                f,
+                "; these are the vCPU's INIT registers: KVM re-initialised it before reporting \
+                 the shutdown (AMD does), so the crash's own state is lost"
+            )?;
         }
         Ok(())
     }

@@ -236,5 +236,6 @@ fn snapshot(vcpu: &VcpuFd) -> VcpuSnapshot {
         rsp_gpa: translate(regs.rsp),
         exception,
         unreadable,
+        reinitialised: sregs.cs.selector == 0xF000 && regs.rip == 0xFFF0 && sregs.cr0 & 1 == 0,
     }
 }

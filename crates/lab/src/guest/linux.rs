@@ -622,6 +622,7 @@ pub fn linux_guest_reboot() -> Result<Verdict, GuestError> {
         return Ok(verdict);
     }
     let extra = format!(" {SWEEPS_VAR}={REBOOT_AFTER_SWEEPS}");
+    let trace = KvmTrace::start();
     let (mut vmm, command, started) = start_vmm(1, &extra)?;
     let mut problems = Vec::new();
     let deadline = started + BOOT_TIMEOUT;
@@ -666,6 +667,9 @@ pub fn linux_guest_reboot() -> Result<Verdict, GuestError> {
     if !problems.is_empty() {
         detail["console_tail"] = json!(last_lines(&console, TAIL_LINES));
         detail["vmm_log_tail"] = json!(last_lines(&vmm_log, TAIL_LINES));
+        if let Ok(trace) = &trace {
+            detail["kvm_trace_tail"] = json!(trace.stop_and_tail(TRACE_LINES));
+        }
     }
     Ok(verdict(&problems, detail))
 }
@@ -682,6 +686,7 @@ pub fn linux_guest(
     if let Some(verdict) = preflight()? {
         return Ok(verdict);
     }
+    let trace = KvmTrace::start();
     let (mut vmm, command, started) = start_vmm(vcpus, cpu_tables.cmdline())?;
 
     let mut problems = Vec::new();
@@ -791,6 +796,165 @@ pub fn linux_guest(
     if !problems.is_empty() {
         detail["console_tail"] = json!(last_lines(&console, TAIL_LINES));
         detail["vmm_log_tail"] = json!(last_lines(&vmm_log, TAIL_LINES));
+        if let Ok(trace) = &trace {
+            detail["kvm_trace_tail"] = json!(trace.stop_and_tail(TRACE_LINES));
+        }
+    }
+    Ok(verdict(&problems, detail))
+}
+
+/// The lab kernel's tracefs.
+const TRACEFS: &str = "/sys/kernel/tracing";
+/// KVM's trace events kept for the post-mortem of a guest crash: every exit with its
+/// reason and exit interrupt info, stage-2 faults, and what KVM injected.
+const KVM_EVENTS: [&str; 5] = [
+    "kvm_exit",
+    "kvm_page_fault",
+    "kvm_inj_exception",
+    "kvm_inj_virq",
+    "kvm_userspace_exit",
+];
+/// Trace lines kept in a failure's detail.
+const TRACE_LINES: usize = 400;
+
+/// KVM's trace events in the lab's kernel, recorded into a ring buffer while a test runs, so
+/// that a crashed guest's last exits can be read afterwards. Best effort: a kernel without
+/// tracefs gives no trace, and says so.
+struct KvmTrace;
+
+impl KvmTrace {
+    fn start() -> Result<KvmTrace, String> {
+        let root = Path::new(TRACEFS);
+        if !root.join("trace").exists() {
+            let mounted = Command::new("mount")
+                .args(["-t", "tracefs", "nodev", TRACEFS])
+                .status()
+                .map_err(|e| format!("mount tracefs: {e}"))?;
+            if !mounted.success() {
+                return Err(format!("mount -t tracefs {TRACEFS} exited with {mounted}"));
+            }
+        }
+        let write = |file: &str, value: &str| {
+            fs::write(root.join(file), value).map_err(|e| format!("{TRACEFS}/{file}: {e}"))
+        };
+        write("tracing_on", "0")?;
+        write("buffer_size_kb", "16384")?;
+        write("trace", "")?;
+        for event in KVM_EVENTS {
+            write(&format!("events/kvm/{event}/enable"), "1")?;
+        }
+        write("tracing_on", "1")?;
+        Ok(KvmTrace)
+    }
+
+    /// Stops recording and returns the last `n` lines.
+    fn stop_and_tail(&self, n: usize) -> Vec<String> {
+        let _ = fs::write(Path::new(TRACEFS).join("tracing_on"), "0");
+        let text = fs::read_to_string(Path::new(TRACEFS).join("trace")).unwrap_or_default();
+        last_lines(&text, n)
+    }
+}
+
+impl Drop for KvmTrace {
+    fn drop(&mut self) {
+        let _ = fs::write(Path::new(TRACEFS).join("tracing_on"), "0");
+    }
+}
+
+/// Moves per mechanism in `linux-guest-churn`: back and forth, ending at home.
+pub const CHURN_MOVES: usize = 20;
+
+/// `linux-guest-churn`: one boot of the Linux guest, then [`CHURN_MOVES`] moves of all its
+/// memory back and forth (1, 0, 1, ...) with each of `mechanisms` in turn, content-checked,
+/// with the guest verifying its memory throughout. Any reset of the guest, any mismatch, any
+/// incomplete move fails it; the first failure ends the moves.
+pub fn linux_guest_churn(mechanisms: &[&'static str]) -> Result<Verdict, GuestError> {
+    if let Some(verdict) = preflight()? {
+        return Ok(verdict);
+    }
+    let vcpus = 2;
+    let trace = KvmTrace::start();
+    let (mut vmm, command, started) = start_vmm(vcpus, CpuTables::Acpi.cmdline())?;
+    let mut problems = Vec::new();
+    let mut moves = Vec::new();
+    let mut completed: Vec<Value> = Vec::new();
+    let mut boot_s = None;
+    match wait_console(&mut vmm, BOOT_TIMEOUT, "`ready` from the guest", |m| {
+        m.ready.is_some()
+    }) {
+        Err(e) => problems.push(e),
+        Ok(_) => {
+            boot_s = Some(started.elapsed().as_secs_f64());
+            'moves: for &mechanism in mechanisms {
+                let mut done = 0;
+                for i in 0..CHURN_MOVES {
+                    let to = if i % 2 == 0 { AWAY } else { HOME };
+                    let before = problems.len();
+                    let moved = move_guest(&mut vmm, to, mechanism, "full", None, &mut problems)?;
+                    match moved {
+                        Ok(detail) => moves.push(json!({
+                            "mechanism": mechanism,
+                            "to": to,
+                            "move_s": detail["move_s"],
+                            "migration": detail["migration"],
+                        })),
+                        Err(e) => problems.push(e),
+                    }
+                    if problems.len() > before {
+                        problems.push(format!(
+                            "{mechanism} move {} of {CHURN_MOVES} failed",
+                            i + 1
+                        ));
+                        completed.push(json!({"mechanism": mechanism, "moves": done}));
+                        break 'moves;
+                    }
+                    done += 1;
+                }
+                completed.push(json!({"mechanism": mechanism, "moves": done}));
+            }
+            match vmm.terminate() {
+                Ok(status) if status.success() => {}
+                Ok(status) => problems.push(format!("gmemctl run exited with {status}")),
+                Err(e) => problems.push(e),
+            }
+        }
+    }
+    drop(vmm);
+    let (console, m) = read_console();
+    if m.mismatch_lines > 0 || m.failed_sweeps > 0 || m.kernel_panic {
+        problems.push(format!(
+            "the guest found wrong memory or panicked: {} MISMATCH lines, {} failed sweeps, \
+             panic {}",
+            m.mismatch_lines, m.failed_sweeps, m.kernel_panic
+        ));
+    }
+    let vmm_log = fs::read_to_string(VMM_LOG).unwrap_or_default();
+    let resets: Vec<&str> = vmm_log
+        .lines()
+        .filter(|l| l.contains("reset") || l.contains("crashed"))
+        .collect();
+    if !resets.is_empty() {
+        problems.push(format!("the guest reset: {resets:?}"));
+    }
+    let mut detail = json!({
+        "command": command,
+        "vcpus": vcpus,
+        "boot_s": boot_s,
+        "moves_per_mechanism": CHURN_MOVES,
+        "kvm_trace": trace.as_ref().err(),
+        "completed": completed,
+        "moves": moves,
+        "sweeps": m.sweeps,
+        "mismatch_lines": m.mismatch_lines,
+        "guest_kernel_alerts": kernel_alerts(&console),
+        "problems": problems,
+    });
+    if !problems.is_empty() {
+        detail["console_tail"] = json!(last_lines(&console, TAIL_LINES));
+        detail["vmm_log_tail"] = json!(last_lines(&vmm_log, TAIL_LINES));
+        if let Ok(trace) = &trace {
+            detail["kvm_trace_tail"] = json!(trace.stop_and_tail(TRACE_LINES));
+        }
     }
     Ok(verdict(&problems, detail))
 }

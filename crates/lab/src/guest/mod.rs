@@ -81,6 +81,12 @@ pub const BUILTIN: &[TestInfo] = &[
                 the i8042 reset line): `gmemctl run` sees the reset and exits 0 by itself, \
                 the console ends with `done sweeps=2 mismatches=0`",
     },
+    TestInfo {
+        name: "linux-guest-churn",
+        about: "the same nested Linux guest (2 vCPUs) is moved back and forth 20 times with \
+                remap, then 20 times with refault, content-checked, while it verifies its 64 \
+                MiB: every move complete, 0 mismatches, no reset or crash of the guest",
+    },
 ];
 
 /// The prefix of an ad-hoc test: `exec:<command>` runs the command in the guest and passes
@@ -119,6 +125,7 @@ fn dispatch(name: &str) -> Result<Verdict, GuestError> {
         "full-node" => full_node::full_node(),
         "linux-guest" => linux::linux_guest("remap", 2, linux::CpuTables::Acpi),
         "linux-guest-reboot" => linux::linux_guest_reboot(),
+        "linux-guest-churn" => linux::linux_guest_churn(&["remap", "refault"]),
         _ => match name.strip_prefix(EXEC_PREFIX) {
             Some(cmd) if !cmd.trim().is_empty() => checks::exec(cmd),
             _ => patched::dispatch(name),
