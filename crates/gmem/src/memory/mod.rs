@@ -4,6 +4,7 @@ mod error;
 mod flags;
 mod guest_memfd;
 mod guest_memory;
+mod mapped;
 mod placement;
 mod policy;
 
@@ -11,6 +12,7 @@ pub use error::MemoryError;
 pub use flags::GmemFlags;
 pub use guest_memfd::GuestMemfd;
 pub use guest_memory::{ChunkLayout, GuestMemory};
+pub use mapped::MappedGmem;
 pub use placement::{PageLocation, Placement, PlacementRange};
 pub use policy::Policy;
 
