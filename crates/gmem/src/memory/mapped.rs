@@ -12,7 +12,7 @@ use crate::sys::mman::Mmap;
 /// it. Offsets are guest_memfd file offsets, which are also offsets into the mapping.
 ///
 /// Owned memory ([`GuestMemory`](super::GuestMemory)) holds one, and so does memory taken
-/// from another process, so the calls the migration engine makes on a range (policy,
+/// from another process ([`AttachedGmem`](super::AttachedGmem)), so the calls the migration engine makes on a range (policy,
 /// punch, refault, placement) are the same code for both.
 #[derive(Debug)]
 pub struct MappedGmem {

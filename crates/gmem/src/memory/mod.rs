@@ -1,5 +1,7 @@
-//! Guest memory backed by guest_memfd: creation, host mapping, memslots, policy, placement.
+//! Guest memory backed by guest_memfd: creation, host mapping, memslots, policy, placement,
+//! and attaching to the guest_memfd of another process.
 
+mod attached;
 mod error;
 mod flags;
 mod guest_memfd;
@@ -8,6 +10,7 @@ mod mapped;
 mod placement;
 mod policy;
 
+pub use attached::{AttachError, AttachedGmem, LearnedFlags, Residency, VmmMapping};
 pub use error::MemoryError;
 pub use flags::GmemFlags;
 pub use guest_memfd::GuestMemfd;
