@@ -15,9 +15,8 @@ pub enum AttachError {
     },
     /// The kernel refused this user access to the process's descriptors.
     #[error(
-        "no ptrace rights over process {pid} ({operation} was refused): reaching another \
-         process's guest_memfd needs root, or CAP_SYS_PTRACE, or the same user with Yama's \
-         ptrace_scope 0"
+        "no ptrace rights over process {pid} ({operation} was refused): run gmemctl as root, \
+         keeping CAP_SYS_PTRACE, to reach another process's guest_memfd"
     )]
     NoPtraceRights {
         /// The PID given.

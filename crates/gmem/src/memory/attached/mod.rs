@@ -425,3 +425,27 @@ fn vmm_mappings(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learned_flags_name_what_is_set_and_what_is_unknown() {
+        let mut flags = LearnedFlags {
+            set: GmemFlags::NONE,
+            unknown: GmemFlags::HOST_MAPPABLE | GmemFlags::MIGRATABLE,
+        };
+        assert_eq!(
+            flags.to_string(),
+            "none (MMAP|INIT_SHARED|MIGRATABLE unknown)"
+        );
+        flags.learned(GmemFlags::MMAP, Some(true));
+        flags.learned(GmemFlags::INIT_SHARED, None);
+        assert_eq!(flags.to_string(), "MMAP (INIT_SHARED|MIGRATABLE unknown)");
+        flags.learned(GmemFlags::INIT_SHARED, Some(false));
+        flags.learned(GmemFlags::MIGRATABLE, Some(false));
+        assert_eq!(flags.to_string(), "MMAP");
+        assert_eq!(flags.unknown, GmemFlags::NONE);
+    }
+}
