@@ -49,10 +49,15 @@ fn run_migrate_and_status_end_to_end() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("ranges in guest order"), "{text}");
     assert!(text.contains(&format!("VM (pid {})", vm.pid)), "{text}");
-    // The PID form still works on the same VMM.
+    // The PID form finds the same VMM's one gmem, of the size its API reports.
     let out = gmemctl(&["status", &vm.pid.to_string(), "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(!json(&out)["mappings"].as_array().unwrap().is_empty());
+    let by_pid = json(&out);
+    assert_eq!(by_pid["guest_memfds"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        by_pid["guest_memfds"][0]["size_bytes"],
+        status["vm"]["memory"]["gmem_size"]
+    );
 
     // A relocation through the API: exit 0, a complete verified report.
     let out = gmemctl(&[
