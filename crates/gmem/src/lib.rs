@@ -1,8 +1,8 @@
 //! gmem: create, map, place, inspect and migrate KVM guest_memfd-backed guest memory.
 //!
 //! Layers, bottom up: [`sys`] (the only unsafe code), [`numa`] (nodes, numa_maps, pagemap),
-//! [`memory`] (guest_memfd, mappings, memslots, policy, placement), [`probe`] (what the
-//! host can do).
+//! [`memory`] (guest_memfd, mappings, memslots, policy, placement, another process's gmem),
+//! [`probe`] (what the host can do).
 
 pub mod sys;
 

@@ -21,17 +21,15 @@ pub enum CliError {
     /// The probe could not run.
     #[error(transparent)]
     Probe(#[from] ProbeError),
-    /// The PID names no process.
-    #[error("no process with PID {pid}: check the PID (is the VMM still running?)")]
-    NoSuchProcess {
-        /// The PID given.
-        pid: u32,
-    },
-    /// The process's maps may not be read by this user.
+    /// Another process's guest_memfd could not be reached or surveyed.
+    #[error(transparent)]
+    Attach(#[from] gmem::memory::AttachError),
+    /// The process has no guest_memfd open.
     #[error(
-        "permission denied reading /proc/{pid}/numa_maps: run as root or as the process's owner"
+        "process {pid} has no guest_memfd open: it is not a VMM whose guest memory is on \
+         guest_memfd (anonymous or memfd guest memory does not show here)"
     )]
-    ProcessPermission {
+    NoGuestMemfd {
         /// The PID given.
         pid: u32,
     },
@@ -113,7 +111,8 @@ impl CliError {
             CliError::ApiClient(e) => e.no_server(),
             CliError::ApiRefused { status, .. } => (400..500).contains(status),
             CliError::ReadConfig { .. } | CliError::ParseConfig { .. } => true,
-            CliError::NoSuchProcess { .. } | CliError::ProcessPermission { .. } => true,
+            CliError::Attach(e) => e.is_user_error(),
+            CliError::NoGuestMemfd { .. } => true,
             _ => false,
         };
         if user { EXIT_USER } else { EXIT_FAILURE }

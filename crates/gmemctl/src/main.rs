@@ -29,8 +29,8 @@ enum Command {
     /// Report what this host can do: KVM and guest_memfd capabilities, NUMA nodes, whether
     /// mbind places gmem pages, and whether the kernel migrates gmem folios (tried live).
     Probe(cmd::probe::Args),
-    /// Show the guest_memfd mappings of a process with their policy and pages per node,
-    /// like `numastat -p`, but gmem-aware.
+    /// Show every guest_memfd of a process (a VMM): size, flags, pages per node counting
+    /// the pages only the guest touched, policy and the VMM's own mappings of it.
     Status(cmd::status::Args),
     /// Start the built-in guest in a VM on gmem memory and serve its control API (HTTP/JSON
     /// on a Unix socket) until SIGINT or SIGTERM.
@@ -54,7 +54,7 @@ enum Command {
 fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Probe(args) => cmd::probe::run(&cli.kvm_device, args),
-        Command::Status(args) => cmd::status::run(args),
+        Command::Status(args) => cmd::status::run(&cli.kvm_device, args),
         Command::Run(args) => cmd::run::run(&cli.kvm_device, args),
         Command::Migrate(args) => cmd::migrate::run(args),
         Command::Demo(args) => cmd::demo::run(&cli.kvm_device, args),

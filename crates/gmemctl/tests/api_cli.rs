@@ -1,117 +1,14 @@
 //! `gmemctl run`, `migrate` and `status --api-sock` end to end: a VM process serving its
 //! API, migrations through it with their exit codes, and a clean SIGTERM shutdown.
 
-use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
 use gmem::testing::kvm_or_skip;
 
 mod common;
 
-use common::{assert_user_error, gmemctl, json, stderr};
-
-/// A private temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("gmemctl-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A `gmemctl run` child process; killed if the test ends without stopping it.
-struct RunningVm {
-    child: Child,
-    sock: PathBuf,
-    pid: u32,
-}
-
-impl RunningVm {
-    /// Starts `gmemctl run ARGS --api-sock SOCK` and waits for its pid and socket lines.
-    fn start(sock: &Path, args: &[&str]) -> RunningVm {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gmemctl"))
-            .arg("run")
-            .args(args)
-            .arg("--api-sock")
-            .arg(sock)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("gmemctl run starts");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let line = |child: &mut Child, stdout: &mut BufReader<ChildStdout>| {
-            let mut line = String::new();
-            if stdout.read_line(&mut line).unwrap() == 0 {
-                let _ = child.wait();
-                let mut err = String::new();
-                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-                panic!("gmemctl run ended before it was ready: {err}");
-            }
-            line.trim().to_owned()
-        };
-        let pid_line = line(&mut child, &mut stdout);
-        let sock_line = line(&mut child, &mut stdout);
-        let pid: u32 = pid_line
-            .strip_prefix("pid: ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line {pid_line:?}"));
-        assert_eq!(pid, child.id());
-        assert_eq!(sock_line, format!("api-sock: {}", sock.display()));
-        RunningVm {
-            child,
-            sock: sock.to_owned(),
-            pid,
-        }
-    }
-
-    fn sock(&self) -> &str {
-        self.sock.to_str().unwrap()
-    }
-
-    /// Sends SIGTERM and waits (at most a minute) for the exit; returns code and stderr.
-    fn terminate(mut self) -> (Option<i32>, String) {
-        let sent = Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(sent.success());
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gmemctl run did not stop on SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let mut err = String::new();
-        let _ = self.child.stderr.take().unwrap().read_to_string(&mut err);
-        (status.code(), err)
-    }
-}
-
-impl Drop for RunningVm {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
+use common::{RunningVm, TempDir, assert_user_error, gmemctl, json, stderr};
 
 #[test]
 fn run_migrate_and_status_end_to_end() {
@@ -152,10 +49,15 @@ fn run_migrate_and_status_end_to_end() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("ranges in guest order"), "{text}");
     assert!(text.contains(&format!("VM (pid {})", vm.pid)), "{text}");
-    // The PID form still works on the same VMM.
+    // The PID form finds the same VMM's one gmem, of the size its API reports.
     let out = gmemctl(&["status", &vm.pid.to_string(), "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(!json(&out)["mappings"].as_array().unwrap().is_empty());
+    let by_pid = json(&out);
+    assert_eq!(by_pid["guest_memfds"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        by_pid["guest_memfds"][0]["size_bytes"],
+        status["vm"]["memory"]["gmem_size"]
+    );
 
     // A relocation through the API: exit 0, a complete verified report.
     let out = gmemctl(&[

@@ -2,7 +2,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{Kvm, VmFd};
 
 use super::{GmemFlags, MemoryError, check_range, page_size};
 use crate::sys::kvm::{self as sys_kvm, KVM_CAP_GUEST_MEMFD, KVM_CAP_GUEST_MEMFD_FLAGS};
@@ -25,6 +25,18 @@ impl GuestMemfd {
         }
         Some(GmemFlags(
             vm.check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS).max(0) as u64,
+        ))
+    }
+
+    /// Flags this kernel's KVM knows for guest_memfd, over all VM types: the
+    /// `KVM_CAP_GUEST_MEMFD_FLAGS` answer of /dev/kvm itself, before any VM exists. A flag
+    /// it leaves out cannot be set on any gmem of this host. `None` without guest_memfd.
+    pub fn kernel_flags(kvm: &Kvm) -> Option<GmemFlags> {
+        if kvm.check_extension_raw(KVM_CAP_GUEST_MEMFD) <= 0 {
+            return None;
+        }
+        Some(GmemFlags(
+            kvm.check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS).max(0) as u64,
         ))
     }
 
@@ -63,6 +75,12 @@ impl GuestMemfd {
             }
         })?;
         Ok(GuestMemfd { fd, size, flags })
+    }
+
+    /// A gmem this process did not create: a duplicate of another process's descriptor,
+    /// with the flags known to be set on it (creation flags cannot be read back).
+    pub(crate) fn from_attached(fd: OwnedFd, size: u64, flags: GmemFlags) -> Self {
+        GuestMemfd { fd, size, flags }
     }
 
     /// Size in bytes.

@@ -11,10 +11,10 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use kvm_ioctls::VmFd;
 use serde::Serialize;
 
-use super::{GmemFlags, GuestMemfd, MemoryError, Placement, Policy, check_range, page_size};
-use crate::numa::Topology;
+use super::{
+    GmemFlags, GuestMemfd, MappedGmem, MemoryError, Placement, Policy, check_range, page_size,
+};
 use crate::sys::kvm::{MemslotRegion, set_user_memory_region2};
-use crate::sys::mempolicy;
 use crate::sys::mman::Mmap;
 
 /// How guest memory is cut into memslots.
@@ -115,9 +115,8 @@ struct ChunkTable {
 pub struct GuestMemory {
     vm: Arc<VmFd>,
     layout: ChunkLayout,
-    gmem: GuestMemfd,
-    /// `None` for non-mappable (confidential) gmem.
-    map: Option<Mmap>,
+    /// The gmem and, unless it is confidential, its mapping.
+    host: MappedGmem,
     table: RwLock<ChunkTable>,
 }
 
@@ -147,8 +146,7 @@ impl GuestMemory {
         Ok(GuestMemory {
             vm,
             layout,
-            gmem,
-            map,
+            host: MappedGmem::new(gmem, map),
             table: RwLock::new(table),
         })
     }
@@ -165,14 +163,17 @@ impl GuestMemory {
 
     /// The backing guest_memfd.
     pub fn gmem(&self) -> &GuestMemfd {
-        &self.gmem
+        self.host.gmem()
+    }
+
+    /// The gmem with its host mapping: the range operations owned and attached memory share.
+    pub fn mapped(&self) -> &MappedGmem {
+        &self.host
     }
 
     /// The host mapping of the whole gmem (spares included). Refused for confidential gmem.
     pub fn mapping(&self) -> Result<&Mmap, MemoryError> {
-        self.map.as_ref().ok_or(MemoryError::NotHostMappable {
-            flags: self.gmem.flags(),
-        })
+        self.host.mapping()
     }
 
     fn table(&self) -> RwLockReadGuard<'_, ChunkTable> {
@@ -199,7 +200,7 @@ impl GuestMemory {
     }
 
     fn set_slot(&self, region: MemslotRegion) -> Result<(), MemoryError> {
-        set_user_memory_region2(&self.vm, self.gmem.as_fd(), region).map_err(|source| {
+        set_user_memory_region2(&self.vm, self.gmem().as_fd(), region).map_err(|source| {
             MemoryError::SetMemslot {
                 slot: region.slot,
                 source,
@@ -258,7 +259,7 @@ impl GuestMemory {
     /// restored before the error is returned.
     pub fn rebind_chunk(&self, chunk: u64, new_offset: u64) -> Result<u64, MemoryError> {
         let size = self.layout.chunk_size;
-        check_range(new_offset, size, self.gmem.size())?;
+        check_range(new_offset, size, self.gmem().size())?;
         let mut table = self.table_mut();
         let old_offset = table.offsets[chunk as usize];
         if table.bound {
@@ -334,9 +335,7 @@ impl GuestMemory {
     /// Sets the NUMA policy of a gmem range (mapping offsets) for future allocations
     /// (`mbind(2)` without MOVE). Nodes are checked against the live topology first.
     pub fn set_policy(&self, offset: u64, len: u64, policy: &Policy) -> Result<(), MemoryError> {
-        check_range(offset, len, self.gmem.size())?;
-        policy.validate(&Topology::read()?)?;
-        self.set_policy_unchecked(offset, len, policy)
+        self.host.set_policy(offset, len, policy)
     }
 
     /// [`set_policy`](Self::set_policy) without the topology check, for callers that
@@ -347,20 +346,17 @@ impl GuestMemory {
         len: u64,
         policy: &Policy,
     ) -> Result<(), MemoryError> {
-        check_range(offset, len, self.gmem.size())?;
-        policy.apply(self.mapping()?, offset, len)
+        self.host.set_policy_unchecked(offset, len, policy)
     }
 
     /// The NUMA policy in force at a gmem offset (`get_mempolicy(MPOL_F_ADDR)`).
     pub fn policy_at(&self, offset: u64) -> Result<Policy, MemoryError> {
-        let (mode, nodes) = mempolicy::get_mempolicy_at(self.mapping()?, offset as usize)
-            .map_err(|source| MemoryError::GetMempolicy { offset, source })?;
-        Ok(Policy::from_raw(mode, nodes))
+        self.host.policy_at(offset)
     }
 
     /// Where each page of a gmem range (mapping offsets) is resident.
     pub fn placement(&self, offset: u64, len: u64) -> Result<Placement, MemoryError> {
-        Placement::query(self.mapping()?, offset, len)
+        self.host.placement(offset, len)
     }
 
     /// Where each page of guest RAM is, in guest-physical order (follows remapped chunks).
@@ -379,34 +375,14 @@ impl GuestMemory {
         Placement::query_addrs(0, &addrs, page)
     }
 
-    /// Frees a gmem range's pages: unmaps the host's view in one batch first
-    /// (`MADV_DONTNEED`), then punches. Punching mapped pages unmaps and flushes them one
-    /// folio at a time; the batched unmap makes the whole discard about 2.4 times faster
-    /// here (530 -> 225 us per 2 MiB).
+    /// Frees a gmem range's pages (see [`MappedGmem::discard`]).
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), MemoryError> {
-        check_range(offset, len, self.gmem.size())?;
-        if let Some(map) = &self.map {
-            // Shared mapping: this drops page-table entries only; the file keeps the pages.
-            map.madvise(offset as usize, len as usize, libc::MADV_DONTNEED)
-                .map_err(|source| MemoryError::Punch {
-                    offset,
-                    len,
-                    source,
-                })?;
-        }
-        self.gmem.punch(offset, len)
+        self.host.discard(offset, len)
     }
 
     /// Faults in a gmem range for writing in one call (`MADV_POPULATE_WRITE`).
     pub fn populate(&self, offset: u64, len: u64) -> Result<(), MemoryError> {
-        check_range(offset, len, self.gmem.size())?;
-        self.mapping()?
-            .populate_write(offset as usize, len as usize)
-            .map_err(|source| MemoryError::Populate {
-                offset,
-                len,
-                source,
-            })
+        self.host.populate(offset, len)
     }
 }
 

@@ -1,16 +1,21 @@
-//! Guest memory backed by guest_memfd: creation, host mapping, memslots, policy, placement.
+//! Guest memory backed by guest_memfd: creation, host mapping, memslots, policy, placement,
+//! and attaching to the guest_memfd of another process.
 
+mod attached;
 mod error;
 mod flags;
 mod guest_memfd;
 mod guest_memory;
+mod mapped;
 mod placement;
 mod policy;
 
+pub use attached::{AttachError, AttachedGmem, LearnedFlags, Residency, VmmMapping};
 pub use error::MemoryError;
 pub use flags::GmemFlags;
 pub use guest_memfd::GuestMemfd;
 pub use guest_memory::{ChunkLayout, GuestMemory};
+pub use mapped::MappedGmem;
 pub use placement::{PageLocation, Placement, PlacementRange};
 pub use policy::Policy;
 

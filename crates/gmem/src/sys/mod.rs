@@ -24,6 +24,7 @@ pub mod boot;
 pub mod kvm;
 pub mod mempolicy;
 pub mod mman;
+pub mod pidfd;
 pub mod process;
 pub mod sched;
 pub mod signal;

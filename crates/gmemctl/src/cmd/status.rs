@@ -1,11 +1,14 @@
-//! `gmemctl status PID`: a process's guest_memfd mappings, policy and pages per node; or,
+//! `gmemctl status PID`: every guest_memfd of a process, taken into gmemctl (pidfd_getfd)
+//! and counted through gmemctl's own mapping, so pages only the guest touched count; or,
 //! with `--api-sock`, a running VMM's placement in guest order from its control API.
 
-use std::collections::BTreeMap;
-use std::io;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use gmem::numa::{NodeId, NumaMaps};
+use gmem::memory::{
+    AttachedGmem, GuestMemfd, LearnedFlags, Placement, Residency, VmmMapping, page_size,
+};
+use gmem::numa::NodeId;
 use serde::Serialize;
 
 use crate::error::CliError;
@@ -14,39 +17,71 @@ use crate::table::{Table, mib};
 /// Options of `gmemctl status`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Process whose guest_memfd mappings to show (a VMM).
+    /// Process whose guest_memfd files to show (a VMM). Needs ptrace rights over it (root).
     #[arg(required_unless_present = "api_sock", conflicts_with = "api_sock")]
     pid: Option<u32>,
     /// Ask a VMM's control API (`gmemctl run`) instead: its memory layout, and where every
     /// page of guest RAM is, in guest-physical order.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
-    /// Print the mappings as JSON.
+    /// Print the report as JSON.
     #[arg(long)]
     json: bool,
 }
 
-/// One gmem mapping as `status` reports it.
+/// One of the VMM's own mappings of a gmem.
 #[derive(Debug, Serialize)]
-struct GmemMapping {
+struct MappingStatus {
+    /// Address range in the VMM.
     start: String,
     end: String,
     size_bytes: u64,
-    policy: String,
-    page_size: u64,
-    resident_pages: u64,
-    pages_per_node: BTreeMap<NodeId, u64>,
+    /// The gmem offset the mapping starts at; it covers `gmem_offset..gmem_offset+size_bytes`.
+    gmem_offset: u64,
+    perms: String,
+    /// The VMA's policy as the VMM's numa_maps prints it (`null` if unreadable).
+    policy: Option<String>,
+    /// Pages the VMM has mapped in its own page tables: all that numa_maps can count.
+    mapped_pages: u64,
+    mapped_pages_per_node: BTreeMap<NodeId, u64>,
+}
+
+/// One guest_memfd of the process.
+#[derive(Debug, Serialize)]
+struct GmemStatus {
+    /// The VMM's descriptor numbers for it.
+    fds: Vec<i32>,
+    inode: u64,
+    size_bytes: u64,
+    /// Creation flags: those known set, and those that cannot be told from outside.
+    flags: LearnedFlags,
+    /// Whether gmemctl could map it (MMAP); if not, its pages are invisible to the host.
+    host_mappable: bool,
+    /// Pages the gmem holds, guest-touched ones included (`null` if not host-mappable).
+    resident_pages: Option<u64>,
+    /// Resident pages per node (`null` unless the host could place them).
+    pages_per_node: Option<BTreeMap<NodeId, u64>>,
+    /// The policy of the VMM's mappings of it, as numa_maps prints it; several are joined
+    /// with a space; `null` if the VMM does not map it or numa_maps is unreadable.
+    policy: Option<String>,
+    /// Pages of it the VMM maps itself: what the VMM's numa_maps and numastat count.
+    vmm_mapped_pages: u64,
+    vmm_mappings: Vec<MappingStatus>,
+    /// Where every page is, as runs in gmem file order (`null` unless placed).
+    placement: Option<Placement>,
 }
 
 /// The whole report.
 #[derive(Debug, Serialize)]
 struct Status {
     pid: u32,
-    mappings: Vec<GmemMapping>,
+    /// Bytes per page of every count.
+    page_size: u64,
+    guest_memfds: Vec<GmemStatus>,
 }
 
-/// Reads and prints the process's gmem mappings.
-pub fn run(args: Args) -> Result<(), CliError> {
+/// Reads and prints the process's guest_memfd files, or asks a VMM's API.
+pub fn run(kvm_device: &Path, args: Args) -> Result<(), CliError> {
     let pid = match (args.pid, &args.api_sock) {
         (_, Some(socket)) => return api_status(socket, args.json),
         (Some(pid), None) => pid,
@@ -56,25 +91,18 @@ pub fn run(args: Args) -> Result<(), CliError> {
             ));
         }
     };
-    let maps = NumaMaps::read(pid).map_err(|source| match source.kind() {
-        io::ErrorKind::NotFound => CliError::NoSuchProcess { pid },
-        io::ErrorKind::PermissionDenied => CliError::ProcessPermission { pid },
-        _ => CliError::ReadMaps { pid, source },
-    })?;
+    // Only to rule out flags this kernel cannot set; status works without KVM access.
+    let kernel_flags = gmem::kvm::open(kvm_device)
+        .ok()
+        .and_then(|kvm| GuestMemfd::kernel_flags(&kvm));
+    let attached = AttachedGmem::attach_all(pid, kernel_flags)?;
+    if attached.is_empty() {
+        return Err(CliError::NoGuestMemfd { pid });
+    }
     let status = Status {
         pid,
-        mappings: maps
-            .gmem()
-            .map(|m| GmemMapping {
-                start: format!("{:#x}", m.start),
-                end: format!("{:#x}", m.end),
-                size_bytes: m.size(),
-                policy: m.policy.clone(),
-                page_size: m.page_size,
-                resident_pages: m.resident_pages(),
-                pages_per_node: m.pages_per_node.clone(),
-            })
-            .collect(),
+        page_size: page_size(),
+        guest_memfds: attached.iter().map(gmem_status).collect::<Result<_, _>>()?,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -84,43 +112,125 @@ pub fn run(args: Args) -> Result<(), CliError> {
     Ok(())
 }
 
-fn render(status: &Status) -> String {
-    if status.mappings.is_empty() {
-        return format!("process {} has no guest_memfd mappings\n", status.pid);
-    }
-    let nodes: Vec<NodeId> = status
-        .mappings
+fn gmem_status(gmem: &AttachedGmem) -> Result<GmemStatus, CliError> {
+    let (resident_pages, placement) = match gmem.residency()? {
+        Residency::NotHostMappable => (None, None),
+        Residency::Private { resident_pages } => (Some(resident_pages), None),
+        Residency::Placed(placement) => {
+            (Some(placement.per_node().values().sum()), Some(placement))
+        }
+    };
+    let policies: BTreeSet<&str> = gmem
+        .vmm_mappings()
         .iter()
-        .flat_map(|m| m.pages_per_node.keys().copied())
-        .collect::<std::collections::BTreeSet<_>>()
+        .filter_map(|m| m.policy.as_deref())
+        .collect();
+    Ok(GmemStatus {
+        fds: gmem.fds().to_vec(),
+        inode: gmem.inode(),
+        size_bytes: gmem.size(),
+        flags: gmem.flags(),
+        host_mappable: gmem.is_host_mappable(),
+        resident_pages,
+        pages_per_node: placement.as_ref().map(Placement::per_node),
+        policy: (!policies.is_empty()).then(|| policies.into_iter().collect::<Vec<_>>().join(" ")),
+        vmm_mapped_pages: gmem
+            .vmm_mappings()
+            .iter()
+            .map(VmmMapping::mapped_pages)
+            .sum(),
+        vmm_mappings: gmem.vmm_mappings().iter().map(mapping_status).collect(),
+        placement,
+    })
+}
+
+fn mapping_status(mapping: &VmmMapping) -> MappingStatus {
+    MappingStatus {
+        start: format!("{:#x}", mapping.start),
+        end: format!("{:#x}", mapping.end),
+        size_bytes: mapping.len(),
+        gmem_offset: mapping.gmem_offset,
+        perms: mapping.perms.clone(),
+        policy: mapping.policy.clone(),
+        mapped_pages: mapping.mapped_pages(),
+        mapped_pages_per_node: mapping.mapped_pages_per_node.clone(),
+    }
+}
+
+fn render(status: &Status) -> String {
+    let nodes: Vec<NodeId> = status
+        .guest_memfds
+        .iter()
+        .filter_map(|g| g.pages_per_node.as_ref())
+        .flat_map(|per_node| per_node.keys().copied())
+        .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
+    let pages = |n: u64| format!("{n} pages ({})", mib(n * status.page_size));
     let mut header = vec![
-        "mapping".to_string(),
+        "fd".to_string(),
         "size".into(),
-        "policy".into(),
+        "flags".into(),
+        "host-mappable".into(),
         "resident".into(),
     ];
     header.extend(nodes.iter().map(|n| format!("node {n}")));
+    header.extend([
+        "VMM-mapped".into(),
+        "policy".into(),
+        "VMM mapping (gmem offsets)".into(),
+    ]);
     let mut t = Table::new(header);
-    for m in &status.mappings {
-        let pages = |n: u64| format!("{n} pages ({})", mib(n * m.page_size));
+    for g in &status.guest_memfds {
         let mut row = vec![
-            format!("{}-{}", m.start, m.end),
-            mib(m.size_bytes),
-            m.policy.clone(),
-            pages(m.resident_pages),
-        ];
-        row.extend(
-            nodes
+            g.fds
                 .iter()
-                .map(|n| pages(m.pages_per_node.get(n).copied().unwrap_or(0))),
-        );
+                .map(i32::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            mib(g.size_bytes),
+            g.flags.to_string(),
+            if g.host_mappable { "yes" } else { "no" }.into(),
+            g.resident_pages
+                .map_or_else(|| "unknown (not host-mappable)".into(), pages),
+        ];
+        row.extend(nodes.iter().map(|n| match &g.pages_per_node {
+            Some(per_node) => format!("{} pages", per_node.get(n).copied().unwrap_or(0)),
+            None if g.host_mappable => "unknown (private)".into(),
+            None => "unknown".into(),
+        }));
+        let mappings: Vec<String> = g
+            .vmm_mappings
+            .iter()
+            .map(|m| {
+                format!(
+                    "{}-{} ({:#x}-{:#x})",
+                    m.start,
+                    m.end,
+                    m.gmem_offset,
+                    m.gmem_offset + m.size_bytes
+                )
+            })
+            .collect();
+        row.extend([
+            format!("{} pages", g.vmm_mapped_pages),
+            g.policy.clone().unwrap_or_else(|| "-".into()),
+            if mappings.is_empty() {
+                "none".into()
+            } else {
+                mappings.join(", ")
+            },
+        ]);
         t.row(row);
     }
+    let count = status.guest_memfds.len();
     format!(
-        "process {}: guest_memfd mappings\n{}",
+        "process {}: {count} guest_memfd{}\n{}\
+         resident: pages each guest_memfd holds, counted through gmemctl's own mapping of it, \
+         pages only the guest touched included\n\
+         VMM-mapped: the pages the VMM maps itself, all that its numa_maps and numastat -p see\n",
         status.pid,
+        if count == 1 { "" } else { "s" },
         t.render()
     )
 }
