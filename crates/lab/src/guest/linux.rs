@@ -19,7 +19,7 @@ use super::checks::GuestError;
 use super::gmemctl::{AWAY, GMEMCTL, HOME, content_counts, preferring, run_gmemctl, tail, verdict};
 use crate::initramfs::{L2_INITRAMFS, L2_KERNEL};
 use crate::memcheck::{MARKER, MIB_VAR, ROLE, ROLE_VAR, SWEEPS_VAR};
-use crate::report::Status;
+use crate::report::{ECHO_PREFIX, Status};
 
 /// Where the guest kernel is to find its CPUs: the VMM offers both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -891,6 +891,15 @@ pub fn linux_guest_churn(mechanisms: &[&'static str]) -> Result<Verdict, GuestEr
                     let to = if i % 2 == 0 { AWAY } else { HOME };
                     let before = problems.len();
                     let moved = move_guest(&mut vmm, to, mechanism, "full", None, &mut problems)?;
+                    println!(
+                        "{ECHO_PREFIX}linux-guest-churn: {mechanism} move {} of {CHURN_MOVES} to \
+                         node {to}: {}",
+                        i + 1,
+                        match &moved {
+                            Ok(detail) => format!("{:.1} s", detail["move_s"].as_f64().unwrap_or(0.0)),
+                            Err(e) => e.clone(),
+                        }
+                    );
                     match moved {
                         Ok(detail) => moves.push(json!({
                             "mechanism": mechanism,
