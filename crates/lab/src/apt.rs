@@ -801,21 +801,21 @@ SHA256: 3d3fdbe91d4660c873e14b092c213fe81c1da6362daa236eb25d0171eb108744
     fn finds_mirror_in_deb822_sources() {
         let text = "\
 Types: deb
-# http://snapshot.debian.org/archive/debian/20250520T000000Z
-URIs: http://deb.debian.org/debian
+# http://snapshot.mirror.example/archive/debian/20250520T000000Z
+URIs: http://mirror.example/debian
 Suites: bookworm bookworm-updates
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 
 Types: deb
-URIs: http://deb.debian.org/debian-security
+URIs: http://mirror.example/debian-security
 Suites: bookworm-security
 Components: main
 ";
         let sources = parse_sources_deb822(text);
         assert_eq!(sources.len(), 2);
         let m = pick_debian_mirror(&sources).unwrap();
-        assert_eq!(m.uri, "http://deb.debian.org/debian");
+        assert_eq!(m.uri, "http://mirror.example/debian");
         assert_eq!(
             m.signed_by.as_deref(),
             Some("/usr/share/keyrings/debian-archive-keyring.gpg")
@@ -827,7 +827,7 @@ Components: main
         let text = "\
 deb https://packages.example.com/apt cloud-sdk-bookworm main
 deb-src http://mirror.example/debian bookworm main
-deb http://security.debian.org/debian-security bookworm-security main
+deb http://security.mirror.example/debian-security bookworm-security main
 deb [arch=amd64 signed-by=/k.gpg] http://mirror.example/debian/ trixie main contrib # comment
 ";
         let sources = parse_sources_list(text);

@@ -92,7 +92,19 @@ mod tests {
         assert_eq!(GmemFlags(3).to_string(), "MMAP|INIT_SHARED");
         assert_eq!(GmemFlags(0).to_string(), "none");
         assert_eq!(GmemFlags(1 | 1 << 9).to_string(), "MMAP|0x200");
-        assert!(GmemFlags(7).contains(GmemFlags::HOST_MAPPABLE));
-        assert_eq!(GmemFlags(7).without(GmemFlags(3)), GmemFlags::MIGRATABLE);
+        // Our kernel: MMAP|INIT_SHARED|MIGRATABLE.
+        let patched = GmemFlags(0x23);
+        assert_eq!(patched.to_string(), "MMAP|INIT_SHARED|MIGRATABLE");
+        assert!(patched.contains(GmemFlags::HOST_MAPPABLE));
+        assert_eq!(patched.without(GmemFlags(3)), GmemFlags::MIGRATABLE);
+    }
+
+    #[test]
+    fn other_series_bits_are_not_migratable() {
+        // Bit 2 is NO_DIRECT_MAP (direct map removal) or WRITE, bit 3 Firecracker's WRITE: a
+        // kernel with them offers no migration.
+        let secret_hiding = GmemFlags(0xf);
+        assert!(!secret_hiding.contains(GmemFlags::MIGRATABLE));
+        assert_eq!(secret_hiding.to_string(), "MMAP|INIT_SHARED|0xc");
     }
 }

@@ -22,9 +22,11 @@ pub const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
 /// Pages start out shared, so host faults succeed (`GUEST_MEMFD_FLAG_INIT_SHARED`).
 /// Without it a host fault on an MMAP gmem gets SIGBUS.
 pub const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
-/// Folios may be migrated by the kernel. Our kernel series (kernel/patches) adds it on
-/// the next free bit; stock kernels reject it, and report it absent in the flags cap.
-pub const GUEST_MEMFD_FLAG_MIGRATABLE: u64 = 1 << 2;
+/// Folios may be migrated by the kernel. Our kernel series (kernel/patches) adds it as bit 5:
+/// bits 2 to 4 are what the series in flight take (direct map removal's `NO_DIRECT_MAP` is bit 2,
+/// `WRITE` bit 2 or 3, HugeTLB's flag bit 2; see kernel/README.md). Stock kernels reject it, and
+/// report it absent in the flags cap.
+pub const GUEST_MEMFD_FLAG_MIGRATABLE: u64 = 1 << 5;
 
 /// `KVM_MEM_GUEST_MEMFD`: the memslot's private backing is a guest_memfd.
 pub const KVM_MEM_GUEST_MEMFD: u32 = kvm_bindings::KVM_MEM_GUEST_MEMFD;

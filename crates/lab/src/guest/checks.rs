@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use thiserror::Error;
 
 use super::Verdict;
+use super::kselftest::{self, Totals};
 use crate::report::{ECHO_PREFIX, Status};
 
 /// KVM_GET_API_VERSION has returned 12 since Linux 2.6.22.
@@ -398,19 +399,22 @@ pub(super) fn spawn_shell(command: &str) -> Result<std::process::Child, GuestErr
         })
 }
 
-/// `exec:<command>`: runs the command (via /bin/sh), echoes its output to the console
-/// indented, and reports pass on exit 0, skip on 4 (kselftest), fail otherwise.
+/// `exec:<command>`: runs the command (via /bin/sh) and echoes its output to the console
+/// indented. The verdict is [`kselftest::verdict`]'s: kselftest's `# Totals:` lines decide when
+/// the command prints any, its exit code (0 pass, 4 skip) otherwise.
 pub fn exec(command: &str) -> Result<Verdict, GuestError> {
     let mut child = spawn_shell(command)?;
     let mut tail = VecDeque::new();
-    let mut totals = None;
+    let mut totals: Option<Totals> = None;
+    let mut totals_lines = 0;
     if let Some(out) = child.stdout.take() {
         let mut console = io::stdout();
         for line in BufReader::new(out).lines() {
             let Ok(line) = line else { break };
             let _ = writeln!(console, "{ECHO_PREFIX}{line}");
-            if line.starts_with("# Totals:") {
-                totals = Some(line.clone());
+            if let Some(t) = Totals::parse(&line) {
+                totals = Some(totals.map_or(t, |sum| sum + t));
+                totals_lines += 1;
             }
             if tail.len() == EXEC_TAIL {
                 tail.pop_front();
@@ -422,18 +426,15 @@ pub fn exec(command: &str) -> Result<Verdict, GuestError> {
         command: command.to_owned(),
         source,
     })?;
-    let verdict = match status.code() {
-        Some(0) => Status::Pass,
-        Some(4) => Status::Skip,
-        _ => Status::Fail,
-    };
     Ok(Verdict {
-        status: verdict,
+        status: kselftest::verdict(status.code(), totals.as_ref()),
         detail: json!({
             "command": command,
             "exit": status.code(),
             "signal": std::os::unix::process::ExitStatusExt::signal(&status),
             "kselftest_totals": totals,
+            "kselftest_totals_lines": totals_lines,
+            "verdict_from": if totals.is_some() { "kselftest totals and exit code" } else { "exit code" },
             "output_tail": tail,
         }),
     })
@@ -467,6 +468,31 @@ mod tests {
         assert_eq!(h["unwritten"], 1);
         assert_eq!(h["-ENOENT"], 1);
         assert_eq!(h["0"], 1);
+    }
+
+    #[test]
+    fn exec_follows_kselftest_totals() {
+        let run = |script: &str| exec(&format!("sh -c '{script}'")).unwrap();
+        let totals = |p, f, s| {
+            format!("echo \"# Totals: pass:{p} fail:{f} xfail:0 xpass:0 skip:{s} error:0\"")
+        };
+        // Every test skipped and exit 0: this was reported as a pass.
+        let all_skip = run(&totals(0, 0, 6));
+        assert_eq!(all_skip.status, Status::Skip, "{}", all_skip.detail);
+        assert_eq!(all_skip.detail["kselftest_totals"]["skip"], 6);
+        assert_eq!(
+            run(&format!("{}; exit 0", totals(3, 1, 0))).status,
+            Status::Fail
+        );
+        assert_eq!(run(&totals(1, 0, 5)).status, Status::Pass);
+        assert_eq!(
+            run(&format!("{}; exit 1", totals(1, 0, 0))).status,
+            Status::Fail
+        );
+        // Without a Totals line the exit code decides, as before.
+        assert_eq!(run("exit 0").status, Status::Pass);
+        assert_eq!(run("exit 4").status, Status::Skip);
+        assert_eq!(run("exit 1").status, Status::Fail);
     }
 
     #[test]

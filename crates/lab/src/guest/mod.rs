@@ -3,6 +3,7 @@
 mod checks;
 mod full_node;
 mod gmemctl;
+mod kselftest;
 mod linux;
 mod patched;
 
@@ -89,8 +90,9 @@ pub const BUILTIN: &[TestInfo] = &[
     },
 ];
 
-/// The prefix of an ad-hoc test: `exec:<command>` runs the command in the guest and passes
-/// on exit 0, skips on exit 4 (the kselftest convention), fails otherwise.
+/// The prefix of an ad-hoc test: `exec:<command>` runs the command in the guest. If it prints
+/// kselftest's `# Totals:` line, any fail or error fails, no pass skips, and a pass needs a
+/// pass and exit 0; otherwise exit 0 passes, 4 skips (the kselftest convention), others fail.
 pub const EXEC_PREFIX: &str = "exec:";
 
 /// Names of the tests `gmem-lab run` runs by default.

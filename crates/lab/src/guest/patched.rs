@@ -15,6 +15,7 @@ use gmem::sys::kvm::KVM_CAP_GUEST_MEMFD_FLAGS;
 use gmem::testing::{fill_seed_pattern, first_seed_mismatch};
 use serde_json::{Value, json};
 
+use super::kselftest::{self, tap_counts};
 use super::{GuestError, TestInfo, Verdict};
 use crate::report::{ECHO_PREFIX, Status};
 
@@ -136,38 +137,6 @@ fn kernel_warnings() -> Vec<String> {
         .collect()
 }
 
-/// Counts of kselftest/TAP result lines in `out`.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct TapCounts {
-    pub ok: usize,
-    pub not_ok: usize,
-    pub skip: usize,
-    pub totals: Option<String>,
-}
-
-/// Reads `ok N ...`, `not ok N ...` (a `# SKIP` directive counts as a skip) and `# Totals:`.
-pub fn tap_counts(out: &str) -> TapCounts {
-    let mut c = TapCounts::default();
-    for line in out.lines().map(str::trim_start) {
-        if line.starts_with("# Totals:") {
-            c.totals = Some(line.to_owned());
-        } else if line.starts_with("not ok ") {
-            if line.contains("# SKIP") {
-                c.skip += 1;
-            } else {
-                c.not_ok += 1;
-            }
-        } else if line.starts_with("ok ") {
-            if line.contains("# SKIP") {
-                c.skip += 1;
-            } else {
-                c.ok += 1;
-            }
-        }
-    }
-    c
-}
-
 /// Runs `program args` and echoes its output on the console as it comes (`  | ...`).
 /// Returns (exit code, signal, stdout+stderr).
 fn run_echoed(
@@ -230,8 +199,12 @@ pub fn kernel_selftest() -> Result<Verdict, GuestError> {
     let (success, fail) = (delta("pgmigrate_success"), delta("pgmigrate_fail"));
     let tap = tap_counts(&out);
 
-    if exit != Some(0) {
-        problems.push(format!("exit {exit:?} (signal {signal:?})"));
+    let kselftest_verdict = kselftest::verdict(exit, tap.totals.as_ref());
+    if kselftest_verdict != Status::Pass {
+        problems.push(format!(
+            "{kselftest_verdict:?}: exit {exit:?} (signal {signal:?}), kselftest totals {:?}",
+            tap.totals
+        ));
     }
     if tap.not_ok > 0 || tap.skip > 0 {
         problems.push(format!(
@@ -933,15 +906,6 @@ pub fn offline_movable() -> Result<Verdict, GuestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn counts_tap_lines() {
-        let out = "TAP version 13\nok 1 a\nnot ok 2 b\nok 3 c # SKIP no nodes\n# Totals: pass:1 fail:1 xfail:0 xpass:0 skip:1 error:0\n";
-        let c = tap_counts(out);
-        assert_eq!((c.ok, c.not_ok, c.skip), (1, 1, 1));
-        assert!(c.totals.unwrap().contains("pass:1"));
-        assert_eq!(tap_counts("Random seed: 0x1\n"), TapCounts::default());
-    }
 
     #[test]
     fn tests_are_named_once_and_dispatch() {
