@@ -868,12 +868,19 @@ pub const CHURN_MOVES: usize = 20;
 /// memory back and forth (1, 0, 1, ...) with each of `mechanisms` in turn, content-checked,
 /// with the guest verifying its memory throughout. Any reset of the guest, any mismatch, any
 /// incomplete move fails it; the first failure ends the moves.
-pub fn linux_guest_churn(mechanisms: &[&'static str]) -> Result<Verdict, GuestError> {
+pub fn linux_guest_churn(
+    mechanisms: &[&'static str],
+    traced: bool,
+) -> Result<Verdict, GuestError> {
     if let Some(verdict) = preflight()? {
         return Ok(verdict);
     }
     let vcpus = 2;
-    let trace = KvmTrace::start();
+    let trace = if traced {
+        KvmTrace::start()
+    } else {
+        Err("not recorded (linux-guest-churn-traced records it)".to_string())
+    };
     let (mut vmm, command, started) = start_vmm(vcpus, CpuTables::Acpi.cmdline())?;
     let mut problems = Vec::new();
     let mut moves = Vec::new();
