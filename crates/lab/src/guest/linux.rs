@@ -868,10 +868,7 @@ pub const CHURN_MOVES: usize = 20;
 /// memory back and forth (1, 0, 1, ...) with each of `mechanisms` in turn, content-checked,
 /// with the guest verifying its memory throughout. Any reset of the guest, any mismatch, any
 /// incomplete move fails it; the first failure ends the moves.
-pub fn linux_guest_churn(
-    mechanisms: &[&'static str],
-    traced: bool,
-) -> Result<Verdict, GuestError> {
+pub fn linux_guest_churn(mechanisms: &[&'static str], traced: bool) -> Result<Verdict, GuestError> {
     if let Some(verdict) = preflight()? {
         return Ok(verdict);
     }
@@ -903,7 +900,8 @@ pub fn linux_guest_churn(
                          node {to}: {}",
                         i + 1,
                         match &moved {
-                            Ok(detail) => format!("{:.1} s", detail["move_s"].as_f64().unwrap_or(0.0)),
+                            Ok(detail) =>
+                                format!("{:.1} s", detail["move_s"].as_f64().unwrap_or(0.0)),
                             Err(e) => e.clone(),
                         }
                     );
