@@ -5,6 +5,7 @@
 //! returns immediately. Each vCPU thread then parks on a condvar until every hold is
 //! released. A pause returns only when no vCPU is running guest code.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -89,6 +90,9 @@ pub(crate) struct RunControl {
     threads: Mutex<Vec<JoinHandle<()>>>,
     kick_signal: i32,
     counters: Arc<VmCounters>,
+    /// A second fd of vCPU 0, for KVM_PRE_FAULT_MEMORY while every vCPU is parked; `None`
+    /// once KVM has refused it (no TDP) or when it could not be made.
+    prefault_vcpu: Mutex<Option<OwnedFd>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -96,7 +100,12 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl RunControl {
-    pub(crate) fn new(vcpus: usize, kick_signal: i32, counters: Arc<VmCounters>) -> Self {
+    pub(crate) fn new(
+        vcpus: usize,
+        kick_signal: i32,
+        counters: Arc<VmCounters>,
+        prefault_vcpu: Option<OwnedFd>,
+    ) -> Self {
         RunControl {
             stop_requested: AtomicBool::new(false),
             state: Mutex::new(ControlState {
@@ -110,6 +119,7 @@ impl RunControl {
             threads: Mutex::new(Vec::new()),
             kick_signal,
             counters,
+            prefault_vcpu: Mutex::new(prefault_vcpu),
         }
     }
 
@@ -278,5 +288,29 @@ impl Quiesce for VmQuiesce {
     /// Releases one pause; the vCPUs run when no pause (and no user pause) is left.
     fn resume(&self) -> Result<(), QuiesceError> {
         self.control.start(Hold::Quiesce)
+    }
+
+    /// Maps the range into KVM's stage-2 tables through vCPU 0 (`KVM_PRE_FAULT_MEMORY`),
+    /// which is possible only while no vCPU runs. Where KVM refuses (no TDP: shadow paging,
+    /// as under PVM), the VM stops trying and the guest faults the pages in itself.
+    fn prefault(&self, gpa: u64, len: u64) -> bool {
+        let mut vcpu = lock(&self.control.prefault_vcpu);
+        let Some(fd) = vcpu.as_ref() else {
+            return false;
+        };
+        if !lock(&self.control.state).none_running() {
+            return false;
+        }
+        match gmem::sys::kvm::pre_fault_memory(fd.as_fd(), gpa, len) {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!(
+                    "vmm: KVM_PRE_FAULT_MEMORY failed ({e}); moved memory is faulted in by the \
+                     guest from now on"
+                );
+                *vcpu = None;
+                false
+            }
+        }
     }
 }

@@ -85,10 +85,18 @@ impl Vm {
         };
 
         let counters = Arc::new(VmCounters::new(started, &slices));
+        let prefault_vcpu = (kvm.check_extension_raw(gmem::sys::kvm::KVM_CAP_PRE_FAULT_MEMORY) > 0)
+            .then(|| {
+                vcpus
+                    .first()
+                    .and_then(|v| gmem::sys::kvm::dup_vcpu_fd(v).ok())
+            })
+            .flatten();
         let control = Arc::new(RunControl::new(
             vcpus.len(),
             kick_signal,
             Arc::clone(&counters),
+            prefault_vcpu,
         ));
         let mut threads = Vec::with_capacity(vcpus.len());
         for (index, vcpu) in vcpus.into_iter().enumerate() {

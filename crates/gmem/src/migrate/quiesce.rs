@@ -17,6 +17,12 @@ pub trait Quiesce: Send + Sync {
     fn pause(&self) -> Result<(), QuiesceError>;
     /// Lets the accessors run again.
     fn resume(&self) -> Result<(), QuiesceError>;
+    /// Called while paused, once guest-physical `gpa..gpa+len` has new backing (a remapped
+    /// chunk): an accessor that can map it ahead of its own faults does so now, so that the
+    /// guest resumes without a stage-2 fault storm there. Returns whether it did.
+    fn prefault(&self, _gpa: u64, _len: u64) -> bool {
+        false
+    }
 }
 
 /// For memory nobody else touches (offline guests, benchmarks of the bare mechanism).

@@ -221,6 +221,12 @@ impl Remap {
             }
             Ok(()) => None,
         };
+        if failure.is_none() {
+            // Map the new chunk for the guest before it runs again, so it resumes without a
+            // stage-2 fault per page there.
+            cx.quiesce
+                .prefault(memory.layout().base_gpa + step.guest_offset, chunk_size);
+        }
         let stop = paused.resume()?;
 
         let outcome = match failure {

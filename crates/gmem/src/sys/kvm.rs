@@ -84,3 +84,47 @@ pub(crate) fn set_user_memory_region2(
     // caller until this slot is deleted (see the function's contract).
     unsafe { vm.set_user_memory_region2(raw) }
 }
+
+/// `KVM_CAP_PRE_FAULT_MEMORY`: `KVM_PRE_FAULT_MEMORY` exists (Linux 6.10+, TDP only).
+pub const KVM_CAP_PRE_FAULT_MEMORY: u64 = 236;
+
+/// `KVM_PRE_FAULT_MEMORY` = `_IOWR(KVMIO, 0xd5, struct kvm_pre_fault_memory)`; kvm-ioctls 0.25
+/// does not wrap it.
+const KVM_PRE_FAULT_MEMORY: libc::c_ulong = 0xC040_AED5;
+
+/// Maps `gpa..gpa+size` into the VM's stage-2 page tables now, as the vCPU's own faults would
+/// (`KVM_PRE_FAULT_MEMORY` on a vCPU fd), so that the guest takes no stage-2 fault there.
+///
+/// The vCPU must not be in `KVM_RUN` (the ioctl takes the vCPU's mutex). The kernel may stop
+/// early (EINTR, EAGAIN) with the range advanced; this loops until it is done. Fails with
+/// EOPNOTSUPP where the VM has no two-dimensional paging (e.g. shadow paging).
+pub fn pre_fault_memory(vcpu: BorrowedFd<'_>, gpa: u64, size: u64) -> std::io::Result<()> {
+    let mut range = kvm_bindings::kvm_pre_fault_memory {
+        gpa,
+        size,
+        ..Default::default()
+    };
+    while range.size > 0 {
+        // SAFETY: `vcpu` is a live KVM vCPU fd and `range` a valid kvm_pre_fault_memory that
+        // the kernel reads and updates in place; it outlives the call.
+        match syscall!(ioctl(
+            vcpu.as_raw_fd(),
+            KVM_PRE_FAULT_MEMORY,
+            &raw mut range
+        )) {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A second descriptor for `vcpu`'s vCPU, for the vCPU ioctls another thread may make while
+/// the vCPU's own thread is outside `KVM_RUN` (such as [`pre_fault_memory`]).
+pub fn dup_vcpu_fd(vcpu: &kvm_ioctls::VcpuFd) -> std::io::Result<OwnedFd> {
+    // SAFETY: a VcpuFd owns its descriptor until it is dropped, and `vcpu` is borrowed for
+    // the whole call, so the raw fd stays open while it is borrowed here.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(vcpu.as_raw_fd()) };
+    borrowed.try_clone_to_owned()
+}

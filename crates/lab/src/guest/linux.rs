@@ -807,12 +807,11 @@ pub fn linux_guest(
 const TRACEFS: &str = "/sys/kernel/tracing";
 /// KVM's trace events kept for the post-mortem of a guest crash: every exit with its
 /// reason and exit interrupt info, stage-2 faults, and what KVM injected.
-const KVM_EVENTS: [&str; 5] = [
+const KVM_EVENTS: [&str; 4] = [
     "kvm_exit",
-    "kvm_page_fault",
     "kvm_inj_exception",
     "kvm_inj_virq",
-    "kvm_userspace_exit",
+    "kvm_hypercall",
 ];
 /// Trace lines kept in a failure's detail.
 const TRACE_LINES: usize = 400;
@@ -852,6 +851,44 @@ impl KvmTrace {
         let _ = fs::write(Path::new(TRACEFS).join("tracing_on"), "0");
         let text = fs::read_to_string(Path::new(TRACEFS).join("trace")).unwrap_or_default();
         last_lines(&text, n)
+    }
+}
+
+impl KvmTrace {
+    /// What the trace so far holds, in counts: exits by vCPU and reason, the exits that
+    /// interrupted the delivery of an event (SVM's EXITINTINFO / VMX's IDT-vectoring info
+    /// valid: `intr_info` with bit 31 set) by reason and event, and every exception KVM
+    /// injected, by its text.
+    fn summary(&self) -> Value {
+        let text = fs::read_to_string(Path::new(TRACEFS).join("trace")).unwrap_or_default();
+        let mut exits: std::collections::BTreeMap<String, u64> = Default::default();
+        let mut mid_delivery: std::collections::BTreeMap<String, u64> = Default::default();
+        let mut injected: std::collections::BTreeMap<String, u64> = Default::default();
+        let word_after = |line: &str, key: &str| {
+            line.split(key)
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .unwrap_or("?")
+                .to_owned()
+        };
+        for line in text.lines() {
+            if line.contains("kvm_exit:") {
+                let vcpu = word_after(line, "vcpu ");
+                let reason = word_after(line, "reason ");
+                *exits.entry(format!("vcpu {vcpu} {reason}")).or_default() += 1;
+                let info = word_after(line, "intr_info ");
+                if u64::from_str_radix(info.trim_start_matches("0x"), 16)
+                    .is_ok_and(|v| v & (1 << 31) != 0)
+                {
+                    *mid_delivery
+                        .entry(format!("vcpu {vcpu} {reason} intr_info {info}"))
+                        .or_default() += 1;
+                }
+            } else if let Some(rest) = line.split("kvm_inj_exception: ").nth(1) {
+                *injected.entry(rest.trim().to_owned()).or_default() += 1;
+            }
+        }
+        json!({"exits": exits, "exits_mid_delivery": mid_delivery, "injected_exceptions": injected})
     }
 }
 
@@ -970,6 +1007,89 @@ pub fn linux_guest_churn(mechanisms: &[&'static str], traced: bool) -> Result<Ve
             detail["kvm_trace_tail"] = json!(trace.stop_and_tail(TRACE_LINES));
         }
     }
+    Ok(verdict(&problems, detail))
+}
+
+/// Boots in `linux-guest-reboots`.
+const REBOOT_ROUNDS: usize = 4;
+
+/// `linux-guest-reboots` (diagnostic, not in the default list): [`REBOOT_ROUNDS`] fresh boots
+/// of the Linux guest, each moved 0 -> 1 -> 0 with remap right after its checker is ready,
+/// with KVM's trace recorded: the moves of a young guest, where resets were seen, sampled
+/// once per boot. Reports each round's outcome and, for the first reset, the trace's tail.
+pub fn linux_guest_reboots() -> Result<Verdict, GuestError> {
+    if let Some(verdict) = preflight()? {
+        return Ok(verdict);
+    }
+    let trace = KvmTrace::start();
+    let mut rounds = Vec::new();
+    let mut problems = Vec::new();
+    let mut trace_tail = Value::Null;
+    for round in 0..REBOOT_ROUNDS {
+        let (mut vmm, _, started) = start_vmm(2, CpuTables::Acpi.cmdline())?;
+        let mut mine = Vec::new();
+        let ready = wait_console(&mut vmm, BOOT_TIMEOUT, "`ready` from the guest", |m| {
+            m.ready.is_some()
+        });
+        let mut moved = 0;
+        match ready {
+            Err(e) => mine.push(e),
+            Ok(_) => {
+                for to in [AWAY, HOME] {
+                    match move_guest(&mut vmm, to, "remap", "full", None, &mut mine)? {
+                        Ok(_) => moved += 1,
+                        Err(e) => {
+                            mine.push(e);
+                            break;
+                        }
+                    }
+                    if !mine.is_empty() {
+                        break;
+                    }
+                }
+            }
+        }
+        let exited_early = vmm.exited();
+        let _ = vmm.terminate();
+        drop(vmm);
+        let vmm_log = fs::read_to_string(VMM_LOG).unwrap_or_default();
+        let reset: Vec<&str> = vmm_log
+            .lines()
+            .filter(|l| l.contains("reset") || l.contains("crashed"))
+            .collect();
+        let failed = !mine.is_empty() || !reset.is_empty();
+        println!(
+            "{ECHO_PREFIX}linux-guest-reboots: round {} of {REBOOT_ROUNDS}: {} moves, {}",
+            round + 1,
+            moved,
+            if failed { "FAILED" } else { "ok" }
+        );
+        if failed && trace_tail.is_null() {
+            if let Ok(trace) = &trace {
+                trace_tail = json!(trace.stop_and_tail(TRACE_LINES * 4));
+            }
+            let (console, _) = read_console();
+            rounds.push(json!({
+                "round": round + 1,
+                "moves": moved,
+                "uptime_s": started.elapsed().as_secs_f64(),
+                "exited_early": exited_early.map(|s| s.to_string()),
+                "problems": mine,
+                "reset": reset,
+                "console_tail": last_lines(&console, TAIL_LINES),
+            }));
+            problems.push(format!("round {} failed", round + 1));
+            break;
+        }
+        rounds.push(json!({"round": round + 1, "moves": moved, "problems": mine}));
+    }
+    let detail = json!({
+        "rounds": rounds,
+        "kvm_trace": trace.as_ref().err(),
+        "kvm_trace_summary": trace.as_ref().ok().map(KvmTrace::summary),
+        "kvm_trace_tail": trace_tail,
+        "problems": problems,
+    });
     Ok(verdict(&problems, detail))
 }
 

@@ -98,6 +98,8 @@ pub const EXEC_PREFIX: &str = "exec:";
 /// `linux-guest-churn` with KVM's trace events recorded, for a post-mortem: not in the
 /// default list, as tracing changes the timing it is hunting.
 const CHURN_TRACED: &str = "linux-guest-churn-traced";
+/// Diagnostic: four fresh boots, each moved 0 -> 1 -> 0 at once, traced.
+const REBOOTS: &str = "linux-guest-reboots";
 
 /// Names of the tests `gmem-lab run` runs by default.
 pub fn default_tests() -> Vec<String> {
@@ -108,6 +110,7 @@ pub fn default_tests() -> Vec<String> {
 pub fn is_known(name: &str) -> bool {
     BUILTIN.iter().any(|t| t.name == name)
         || name == CHURN_TRACED
+        || name == REBOOTS
         || patched::is_known(name)
         || name
             .strip_prefix(EXEC_PREFIX)
@@ -134,6 +137,7 @@ fn dispatch(name: &str) -> Result<Verdict, GuestError> {
         "linux-guest-reboot" => linux::linux_guest_reboot(),
         "linux-guest-churn" => linux::linux_guest_churn(&["remap", "refault"], false),
         CHURN_TRACED => linux::linux_guest_churn(&["remap", "refault"], true),
+        REBOOTS => linux::linux_guest_reboots(),
         _ => match name.strip_prefix(EXEC_PREFIX) {
             Some(cmd) if !cmd.trim().is_empty() => checks::exec(cmd),
             _ => patched::dispatch(name),
