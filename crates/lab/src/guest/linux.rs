@@ -896,7 +896,8 @@ pub fn linux_guest_churn(mechanisms: &[&'static str]) -> Result<Verdict, GuestEr
                          node {to}: {}",
                         i + 1,
                         match &moved {
-                            Ok(detail) => format!("{:.1} s", detail["move_s"].as_f64().unwrap_or(0.0)),
+                            Ok(detail) =>
+                                format!("{:.1} s", detail["move_s"].as_f64().unwrap_or(0.0)),
                             Err(e) => e.clone(),
                         }
                     );
