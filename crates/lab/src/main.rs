@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::qemu::CpuCount;
 use crate::report::error_chain;
 use crate::runner::{RunOptions, Verdict};
 
@@ -144,6 +145,10 @@ struct RunArgs {
     /// Memory of each of the two NUMA nodes, in MiB
     #[arg(long, value_name = "MIB", default_value_t = 1024)]
     node_mib: u64,
+    /// vCPUs of the lab guest, an even number: the first half on node 0, the rest on node 1
+    /// (one socket each)
+    #[arg(long, value_name = "N", default_value_t = CpuCount::DEFAULT)]
+    cpus: CpuCount,
     /// Cold-plug a DIMM of this many MiB (default 512) on node 1, its memory blocks left
     /// offline for the offline-movable test (needs CONFIG_MHP_DEFAULT_ONLINE_TYPE_OFFLINE)
     #[arg(long, value_name = "MIB", num_args = 0..=1, default_missing_value = "512",
@@ -190,6 +195,7 @@ impl RunArgs {
             qemu: self.qemu.clone(),
             timeout: Duration::from_secs(self.timeout),
             node_mib: self.node_mib,
+            cpus: self.cpus,
             hotplug_dimm_mib: self.hotplug_dimm,
             guest_kernel: self.guest_kernel.clone(),
             append: self.append.clone(),

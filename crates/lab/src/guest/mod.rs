@@ -20,6 +20,10 @@ pub use checks::GuestError;
 pub use full_node::hog;
 pub use patched::TESTS as PATCHED;
 
+/// The kernel parameter with the lab's CPU count (`gmemlab.cpus=N`); the runner sets it, and
+/// the `nodes` test checks that the kernel brought up that many, half on each node.
+pub const CPUS_PARAM: &str = "gmemlab.cpus";
+
 /// A built-in lab test.
 #[derive(Debug, Clone, Copy)]
 pub struct TestInfo {
@@ -31,7 +35,8 @@ pub struct TestInfo {
 pub const BUILTIN: &[TestInfo] = &[
     TestInfo {
         name: "nodes",
-        about: "two online NUMA nodes with memory; /dev/kvm opens (after insmod or built in)",
+        about: "two online NUMA nodes with memory, each with half of the --cpus online; \
+                /dev/kvm opens (after insmod or built in)",
     },
     TestInfo {
         name: "anon-control",
