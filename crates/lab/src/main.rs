@@ -146,7 +146,7 @@ struct RunArgs {
     #[arg(long, value_name = "MIB", default_value_t = 1024)]
     node_mib: u64,
     /// vCPUs of the lab guest, an even number: the first half on node 0, the rest on node 1
-    /// (one socket each)
+    /// (one socket each). The mm-migration test needs at least 4
     #[arg(long, value_name = "N", default_value_t = CpuCount::DEFAULT)]
     cpus: CpuCount,
     /// Cold-plug a DIMM of this many MiB (default 512) on node 1, its memory blocks left
@@ -315,7 +315,11 @@ fn main() -> ExitCode {
             Err(e) => fail(&e),
         },
         Cmd::Tests => {
-            for t in guest::BUILTIN.iter().chain(guest::PATCHED) {
+            for t in guest::BUILTIN
+                .iter()
+                .chain(guest::PATCHED)
+                .chain(guest::UPSTREAM)
+            {
                 println!("{:<17} {}", t.name, t.about);
             }
             println!(

@@ -78,7 +78,7 @@ pub enum GuestError {
     },
 }
 
-fn read_sys(path: impl AsRef<Path>) -> Result<String, GuestError> {
+pub(super) fn read_sys(path: impl AsRef<Path>) -> Result<String, GuestError> {
     let path = path.as_ref();
     fs::read_to_string(path)
         .map(|s| s.trim().to_owned())

@@ -6,6 +6,7 @@ mod gmemctl;
 mod kselftest;
 mod linux;
 mod patched;
+mod upstream;
 
 use std::io::Write;
 use std::panic::{self, AssertUnwindSafe};
@@ -19,6 +20,7 @@ use crate::report::{Status, TestResult, error_chain};
 pub use checks::GuestError;
 pub use full_node::hog;
 pub use patched::TESTS as PATCHED;
+pub use upstream::TESTS as UPSTREAM;
 
 /// The kernel parameter with the lab's CPU count (`gmemlab.cpus=N`); the runner sets it, and
 /// the `nodes` test checks that the kernel brought up that many, half on each node.
@@ -109,6 +111,7 @@ pub fn default_tests() -> Vec<String> {
 pub fn is_known(name: &str) -> bool {
     BUILTIN.iter().any(|t| t.name == name)
         || patched::is_known(name)
+        || upstream::is_known(name)
         || name
             .strip_prefix(EXEC_PREFIX)
             .is_some_and(|c| !c.trim().is_empty())
@@ -135,6 +138,7 @@ fn dispatch(name: &str) -> Result<Verdict, GuestError> {
         "linux-guest-churn" => linux::linux_guest_churn(&["remap", "refault"]),
         _ => match name.strip_prefix(EXEC_PREFIX) {
             Some(cmd) if !cmd.trim().is_empty() => checks::exec(cmd),
+            _ if upstream::is_known(name) => upstream::dispatch(name),
             _ => patched::dispatch(name),
         },
     }
