@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod apt;
+mod compare;
 mod cpio;
 mod deb;
 mod elf;
@@ -94,6 +95,24 @@ enum Cmd {
     },
     /// List the built-in tests
     Tests,
+    /// Compare one test's kselftest cases in two `run --json` reports: exit 0 if no case that
+    /// passed in the control fails, skips or is missing in the candidate, and each side ran
+    /// at least one case; 1 otherwise; 2 if a report cannot be read
+    Compare {
+        /// The test whose `detail.cases` are compared
+        #[arg(long, default_value = "mm-migration")]
+        test: String,
+        /// The control's label in the table
+        #[arg(long, default_value = "control")]
+        control_name: String,
+        /// The candidate's label in the table
+        #[arg(long, default_value = "candidate")]
+        candidate_name: String,
+        /// The control's report (e.g. Debian's kernel)
+        control: PathBuf,
+        /// The candidate's report (e.g. the patched kernel)
+        candidate: PathBuf,
+    },
     /// Run one test inside the lab guest and print its GMEMLAB-RESULT line (used by /init)
     Guest {
         /// A built-in test name, or exec:<command>
@@ -327,6 +346,28 @@ fn main() -> ExitCode {
                 format!("{}CMD", guest::EXEC_PREFIX)
             );
             ExitCode::SUCCESS
+        }
+        Cmd::Compare {
+            test,
+            control_name,
+            candidate_name,
+            control,
+            candidate,
+        } => {
+            let cases = compare::read_cases(&control, &test)
+                .and_then(|a| Ok((a, compare::read_cases(&candidate, &test)?)));
+            match cases {
+                Ok((a, b)) => {
+                    let cmp = compare::Comparison::new(&a, &b);
+                    println!("{}", cmp.render(&test, &control_name, &candidate_name));
+                    if cmp.ok() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => fail(&e),
+            }
         }
         Cmd::Guest { test } => guest::run(&test),
         Cmd::Hog { node, headroom_kib } => guest::hog(node, headroom_kib),

@@ -19,6 +19,7 @@ use crate::report::{Status, TestResult, error_chain};
 
 pub use checks::GuestError;
 pub use full_node::hog;
+pub use kselftest::{Case, CaseResult};
 pub use patched::TESTS as PATCHED;
 pub use upstream::TESTS as UPSTREAM;
 
