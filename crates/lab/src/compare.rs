@@ -159,12 +159,15 @@ impl Comparison {
             None => "missing",
         };
         let width = self.rows.iter().map(|r| r.name.len()).max().unwrap_or(4);
+        // Wide enough for "SKIPPED" and "missing", and for the labels.
+        let cw = control.len().max(8);
+        let dw = candidate.len().max(8);
         let mut out = String::new();
-        let _ = writeln!(out, "  {:<width$}  {control:<8} {candidate:<8}", "case");
+        let _ = writeln!(out, "  {:<width$}  {control:<cw$} {candidate}", "case");
         for r in &self.rows {
             let _ = writeln!(
                 out,
-                "  {:<width$}  {:<8} {:<8}{}",
+                "  {:<width$}  {:<cw$} {:<dw$}{}",
                 r.name,
                 word(r.control),
                 word(r.candidate),
