@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod apt;
+mod compare;
 mod cpio;
 mod deb;
 mod elf;
@@ -21,6 +22,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::qemu::CpuCount;
 use crate::report::error_chain;
 use crate::runner::{RunOptions, Verdict};
 
@@ -93,6 +95,24 @@ enum Cmd {
     },
     /// List the built-in tests
     Tests,
+    /// Compare one test's kselftest cases in two `run --json` reports: exit 0 if no case that
+    /// passed in the control fails, skips or is missing in the candidate, and each side ran
+    /// at least one case; 1 otherwise; 2 if a report cannot be read
+    Compare {
+        /// The test whose `detail.cases` are compared
+        #[arg(long, default_value = "mm-migration")]
+        test: String,
+        /// The control's label in the table
+        #[arg(long, default_value = "control")]
+        control_name: String,
+        /// The candidate's label in the table
+        #[arg(long, default_value = "candidate")]
+        candidate_name: String,
+        /// The control's report (e.g. Debian's kernel)
+        control: PathBuf,
+        /// The candidate's report (e.g. the patched kernel)
+        candidate: PathBuf,
+    },
     /// Run one test inside the lab guest and print its GMEMLAB-RESULT line (used by /init)
     Guest {
         /// A built-in test name, or exec:<command>
@@ -144,6 +164,10 @@ struct RunArgs {
     /// Memory of each of the two NUMA nodes, in MiB
     #[arg(long, value_name = "MIB", default_value_t = 1024)]
     node_mib: u64,
+    /// vCPUs of the lab guest, an even number: the first half on node 0, the rest on node 1
+    /// (one socket each). The mm-migration test needs at least 4
+    #[arg(long, value_name = "N", default_value_t = CpuCount::DEFAULT)]
+    cpus: CpuCount,
     /// Cold-plug a DIMM of this many MiB (default 512) on node 1, its memory blocks left
     /// offline for the offline-movable test (needs CONFIG_MHP_DEFAULT_ONLINE_TYPE_OFFLINE)
     #[arg(long, value_name = "MIB", num_args = 0..=1, default_missing_value = "512",
@@ -190,6 +214,7 @@ impl RunArgs {
             qemu: self.qemu.clone(),
             timeout: Duration::from_secs(self.timeout),
             node_mib: self.node_mib,
+            cpus: self.cpus,
             hotplug_dimm_mib: self.hotplug_dimm,
             guest_kernel: self.guest_kernel.clone(),
             append: self.append.clone(),
@@ -309,7 +334,11 @@ fn main() -> ExitCode {
             Err(e) => fail(&e),
         },
         Cmd::Tests => {
-            for t in guest::BUILTIN.iter().chain(guest::PATCHED) {
+            for t in guest::BUILTIN
+                .iter()
+                .chain(guest::PATCHED)
+                .chain(guest::UPSTREAM)
+            {
                 println!("{:<17} {}", t.name, t.about);
             }
             println!(
@@ -317,6 +346,28 @@ fn main() -> ExitCode {
                 format!("{}CMD", guest::EXEC_PREFIX)
             );
             ExitCode::SUCCESS
+        }
+        Cmd::Compare {
+            test,
+            control_name,
+            candidate_name,
+            control,
+            candidate,
+        } => {
+            let cases = compare::read_cases(&control, &test)
+                .and_then(|a| Ok((a, compare::read_cases(&candidate, &test)?)));
+            match cases {
+                Ok((a, b)) => {
+                    let cmp = compare::Comparison::new(&a, &b);
+                    println!("{}", cmp.render(&test, &control_name, &candidate_name));
+                    if cmp.ok() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => fail(&e),
+            }
         }
         Cmd::Guest { test } => guest::run(&test),
         Cmd::Hog { node, headroom_kib } => guest::hog(node, headroom_kib),

@@ -1,9 +1,11 @@
 //! Boots the two-node QEMU guest, streams its serial console, and enforces the timeout.
 
+use std::fmt;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::str::FromStr;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -36,6 +38,81 @@ pub enum QemuError {
     },
 }
 
+/// The most vCPUs the lab boots: TCG runs each on a host thread, and the hosts have few cores.
+pub const MAX_CPUS: u32 = 64;
+
+/// A `--cpus` value that cannot be split evenly over the two NUMA nodes.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CpuCountError {
+    #[error("`{0}` is not a number of CPUs")]
+    NotANumber(String),
+    #[error("{0} CPUs cannot be split evenly over the two NUMA nodes: give an even number")]
+    Odd(u32),
+    #[error("{0} CPUs: the lab boots 2 to {MAX_CPUS} (one socket per node, at least one CPU each)")]
+    OutOfRange(u32),
+}
+
+/// The lab's vCPU count: even, one socket per NUMA node, the first half on node 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuCount(u32);
+
+impl CpuCount {
+    /// The lab's default: one CPU per node.
+    pub const DEFAULT: CpuCount = CpuCount(2);
+
+    pub fn new(n: u32) -> Result<CpuCount, CpuCountError> {
+        if !(2..=MAX_CPUS).contains(&n) {
+            Err(CpuCountError::OutOfRange(n))
+        } else if !n.is_multiple_of(2) {
+            Err(CpuCountError::Odd(n))
+        } else {
+            Ok(CpuCount(n))
+        }
+    }
+
+    pub fn total(self) -> u32 {
+        self.0
+    }
+
+    pub fn per_node(self) -> u32 {
+        self.0 / 2
+    }
+
+    /// The CPUs of `node` (0 or 1) as QEMU's `-numa node,cpus=` takes them: `0`, or `2-3`.
+    pub fn node_cpus(self, node: u32) -> String {
+        let first = node * self.per_node();
+        let last = first + self.per_node() - 1;
+        if first == last {
+            first.to_string()
+        } else {
+            format!("{first}-{last}")
+        }
+    }
+}
+
+impl Default for CpuCount {
+    fn default() -> CpuCount {
+        CpuCount::DEFAULT
+    }
+}
+
+impl FromStr for CpuCount {
+    type Err = CpuCountError;
+    fn from_str(s: &str) -> Result<CpuCount, CpuCountError> {
+        let n = s
+            .trim()
+            .parse()
+            .map_err(|_| CpuCountError::NotANumber(s.to_owned()))?;
+        CpuCount::new(n)
+    }
+}
+
+impl fmt::Display for CpuCount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 /// The machine to boot.
 #[derive(Debug, Clone)]
 pub struct Machine {
@@ -45,6 +122,8 @@ pub struct Machine {
     pub append: String,
     /// Memory of each of the two NUMA nodes.
     pub node_mib: u64,
+    /// vCPUs, half of them on each node.
+    pub cpus: CpuCount,
     /// A cold-plugged pc-dimm of this many MiB on node 1 (memory hotplug and offlining).
     pub hotplug_dimm_mib: Option<u64>,
     pub timeout: Duration,
@@ -68,7 +147,7 @@ pub struct Boot {
 
 impl Machine {
     /// The QEMU command line: TCG with `-cpu max` (svm, npt) so KVM loads in the guest,
-    /// two sockets, each with its own memory backend and NUMA node.
+    /// two sockets, each with half the CPUs, its own memory backend and NUMA node.
     pub fn args(&self) -> Vec<String> {
         let n = self.node_mib;
         let mut a: Vec<String> = vec![
@@ -83,7 +162,11 @@ impl Machine {
                 None => format!("{}M", 2 * n),
             },
             "-smp".into(),
-            "2,sockets=2,cores=1,threads=1".into(),
+            format!(
+                "{},sockets=2,cores={},threads=1",
+                self.cpus.total(),
+                self.cpus.per_node()
+            ),
         ];
         for i in 0..2 {
             a.push("-object".into());
@@ -91,7 +174,10 @@ impl Machine {
         }
         for i in 0..2 {
             a.push("-numa".into());
-            a.push(format!("node,nodeid={i},cpus={i},memdev=m{i}"));
+            a.push(format!(
+                "node,nodeid={i},cpus={},memdev=m{i}",
+                self.cpus.node_cpus(i)
+            ));
         }
         if let Some(d) = self.hotplug_dimm_mib {
             a.push("-object".into());
@@ -238,6 +324,7 @@ mod tests {
             initrd: "/i".into(),
             append: "console=ttyS0 panic=-1".into(),
             node_mib: 1024,
+            cpus: CpuCount::DEFAULT,
             hotplug_dimm_mib: None,
             timeout: Duration::from_secs(1),
             serial_log: "/s".into(),
@@ -252,6 +339,15 @@ mod tests {
         assert!(a.contains("-numa node,nodeid=1,cpus=1,memdev=m1"));
         assert!(a.ends_with("-kernel /k -initrd /i -append console=ttyS0 panic=-1"));
         assert!(!a.contains("pc-dimm"));
+        let four = Machine {
+            cpus: CpuCount::new(4).unwrap(),
+            ..m.clone()
+        }
+        .args()
+        .join(" ");
+        assert!(four.contains("-smp 4,sockets=2,cores=2,threads=1"));
+        assert!(four.contains("-numa node,nodeid=0,cpus=0-1,memdev=m0"));
+        assert!(four.contains("-numa node,nodeid=1,cpus=2-3,memdev=m1"));
         let dimm = Machine {
             hotplug_dimm_mib: Some(512),
             ..m
@@ -261,5 +357,23 @@ mod tests {
         assert!(dimm.contains("-m 2048M,slots=2,maxmem=3072M"));
         assert!(dimm.contains("-object memory-backend-ram,id=hp,size=512M"));
         assert!(dimm.contains("-device pc-dimm,id=dimm1,memdev=hp,node=1"));
+    }
+
+    #[test]
+    fn cpu_counts_split_over_the_two_nodes() {
+        let eight: CpuCount = "8".parse().unwrap();
+        assert_eq!((eight.total(), eight.per_node()), (8, 4));
+        assert_eq!(
+            (eight.node_cpus(0), eight.node_cpus(1)),
+            ("0-3".into(), "4-7".into())
+        );
+        assert_eq!(CpuCount::default().node_cpus(1), "1");
+        assert_eq!("3".parse::<CpuCount>(), Err(CpuCountError::Odd(3)));
+        assert_eq!("0".parse::<CpuCount>(), Err(CpuCountError::OutOfRange(0)));
+        assert_eq!(CpuCount::new(66), Err(CpuCountError::OutOfRange(66)));
+        assert_eq!(
+            "four".parse::<CpuCount>(),
+            Err(CpuCountError::NotANumber("four".into()))
+        );
     }
 }

@@ -15,7 +15,7 @@ use crate::elf;
 use crate::guest;
 use crate::initramfs::{self, Contents, InitramfsError};
 use crate::paths::{self, DirLock, PathsError};
-use crate::qemu::{Machine, QemuError};
+use crate::qemu::{CpuCount, Machine, QemuError};
 use crate::report::{Collector, Status, TestResult};
 
 /// The Debian kernel the lab boots by default (trixie-backports).
@@ -87,6 +87,8 @@ pub struct RunOptions {
     pub qemu: PathBuf,
     pub timeout: Duration,
     pub node_mib: u64,
+    /// vCPUs, split over the two nodes (`--cpus`).
+    pub cpus: CpuCount,
     /// A cold-plugged DIMM of this many MiB on node 1 (`--hotplug-dimm`).
     pub hotplug_dimm_mib: Option<u64>,
     /// The kernel the linux-guest tests boot as a nested guest (default: `kernel`'s).
@@ -300,9 +302,11 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
     let prepared = prepare(opts, &dir.join("initrd.gz"))?;
     let prepare_s = start.elapsed().as_secs_f64();
     eprintln!(
-        "gmem-lab: booting {} with two NUMA nodes ({} MiB each), initramfs {} KiB{}, tests: {}",
+        "gmem-lab: booting {} with two NUMA nodes ({} MiB and {} CPUs each), initramfs {} KiB{}, \
+         tests: {}",
         prepared.kernel_label,
         opts.node_mib,
+        opts.cpus.per_node(),
         prepared.initrd_bytes / 1024,
         if prepared.modules.is_empty() {
             " (no modules: KVM must be built in)".to_owned()
@@ -311,7 +315,13 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
         },
         opts.tests.join(",")
     );
-    let mut append = "console=ttyS0 panic=-1 quiet".to_owned();
+    // gmemlab.cpus tells the agent how many CPUs QEMU was given (the nodes test checks the
+    // kernel brought them all up); a dotted unknown parameter is ignored by the kernel.
+    let mut append = format!(
+        "console=ttyS0 panic=-1 quiet {}={}",
+        guest::CPUS_PARAM,
+        opts.cpus
+    );
     if let Some(extra) = &opts.append {
         append.push(' ');
         append.push_str(extra);
@@ -322,6 +332,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
         initrd: prepared.initrd.clone(),
         append,
         node_mib: opts.node_mib,
+        cpus: opts.cpus,
         hotplug_dimm_mib: opts.hotplug_dimm_mib,
         timeout: opts.timeout,
         serial_log: dir.join("serial.log"),

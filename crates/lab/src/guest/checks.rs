@@ -78,7 +78,7 @@ pub enum GuestError {
     },
 }
 
-fn read_sys(path: impl AsRef<Path>) -> Result<String, GuestError> {
+pub(super) fn read_sys(path: impl AsRef<Path>) -> Result<String, GuestError> {
     let path = path.as_ref();
     fs::read_to_string(path)
         .map(|s| s.trim().to_owned())
@@ -104,6 +104,41 @@ pub fn parse_list(text: &str) -> Option<Vec<u32>> {
         }
     }
     Some(out)
+}
+
+/// The number of CPUs in a kernel cpu list such as `0-3`; 0 if it does not parse.
+pub fn cpu_count(list: &str) -> usize {
+    parse_list(list).map_or(0, |l| l.len())
+}
+
+/// The CPU count the runner gave QEMU: `gmemlab.cpus=N` on the kernel command line.
+pub fn expected_cpus(cmdline: &str) -> Option<usize> {
+    let key = format!("{}=", super::CPUS_PARAM);
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&key)?.parse().ok())
+}
+
+/// Problems with how the kernel brought up the `expected` CPUs: all online, half per node.
+pub fn cpu_problems(expected: usize, online: &str, node_cpus: &[(u32, String)]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let up = cpu_count(online);
+    if up != expected {
+        problems.push(format!(
+            "QEMU was given {expected} CPUs, the kernel brought up {up} (online `{online}`): \
+             is its CONFIG_NR_CPUS below {expected}?"
+        ));
+    }
+    for (node, list) in node_cpus {
+        let n = cpu_count(list);
+        if n * 2 != expected {
+            problems.push(format!(
+                "node {node} has {n} CPUs (`{list}`), not {} of the {expected}",
+                expected / 2
+            ));
+        }
+    }
+    problems
 }
 
 /// `MemTotal` in kB from a node's meminfo (`Node 0 MemTotal:  1012345 kB`).
@@ -207,6 +242,7 @@ pub fn nodes() -> Result<Verdict, GuestError> {
     let has_memory = read_sys(format!("{NODE_SYSFS}/has_memory")).ok();
     let ids = parse_list(&online).unwrap_or_default();
     let mut nodes = Vec::new();
+    let mut node_cpus = Vec::new();
     for id in &ids {
         let mem = read_sys(format!("{NODE_SYSFS}/node{id}/meminfo"))
             .ok()
@@ -215,10 +251,20 @@ pub fn nodes() -> Result<Verdict, GuestError> {
         if mem.unwrap_or(0) == 0 {
             problems.push(format!("node {id} has no memory"));
         }
+        node_cpus.push((*id, cpus.clone().unwrap_or_default()));
         nodes.push(json!({ "node": id, "mem_total_kb": mem, "cpus": cpus }));
     }
     if ids.len() != 2 {
         problems.push(format!("expected 2 online nodes, found `{online}`"));
+    }
+    let cpus_online = read_sys("/sys/devices/system/cpu/online").ok();
+    let cpus_expected = expected_cpus(&read_sys("/proc/cmdline").unwrap_or_default());
+    if let Some(expected) = cpus_expected {
+        problems.extend(cpu_problems(
+            expected,
+            cpus_online.as_deref().unwrap_or(""),
+            &node_cpus,
+        ));
     }
     let dev_kvm = Path::new(DEFAULT_KVM_DEVICE).exists();
     let kvm = match gmem::kvm::open(Path::new(DEFAULT_KVM_DEVICE)) {
@@ -253,6 +299,8 @@ pub fn nodes() -> Result<Verdict, GuestError> {
         detail: json!({
             "online": online,
             "has_memory": has_memory,
+            "cpus_online": cpus_online,
+            "cpus_expected": cpus_expected,
             "nodes": nodes,
             "dev_kvm": dev_kvm,
             "kvm": kvm,
@@ -452,6 +500,24 @@ mod tests {
         assert_eq!(parse_list(""), Some(vec![]));
         assert_eq!(parse_list("3-1"), None);
         assert_eq!(parse_list("x"), None);
+    }
+
+    #[test]
+    fn checks_the_cpus_qemu_was_given() {
+        let cmdline = "console=ttyS0 panic=-1 quiet gmemlab.cpus=4\n";
+        assert_eq!(expected_cpus(cmdline), Some(4));
+        assert_eq!(expected_cpus("console=ttyS0 xgmemlab.cpus=4"), None);
+        assert_eq!(expected_cpus("console=ttyS0"), None);
+        let split = |a: &str, b: &str| vec![(0, a.to_owned()), (1, b.to_owned())];
+        assert!(cpu_problems(4, "0-3", &split("0-1", "2-3")).is_empty());
+        assert!(cpu_problems(2, "0-1", &split("0", "1")).is_empty());
+        // The issue-13 kernel: CONFIG_NR_CPUS=2 under a 4-CPU QEMU.
+        let short = cpu_problems(4, "0-1", &split("0", "1"));
+        assert_eq!(short.len(), 3, "{short:?}");
+        assert!(short[0].contains("brought up 2"), "{short:?}");
+        assert!(short[1].contains("node 0 has 1 CPUs"), "{short:?}");
+        assert_eq!(cpu_count("0,2-3"), 3);
+        assert_eq!(cpu_count(""), 0);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::ops::Add;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::report::Status;
 
@@ -128,6 +128,75 @@ pub fn tap_counts(out: &str) -> TapCounts {
     c
 }
 
+/// The result of one kselftest case, from its TAP line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaseResult {
+    Pass,
+    Fail,
+    Skip,
+    Xfail,
+    Xpass,
+}
+
+/// One kselftest case: `ok 3 migration.private_anon_thp # SKIP Transparent Hugepages not
+/// available` is case `migration.private_anon_thp`, skipped, with that reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Case {
+    pub name: String,
+    pub result: CaseResult,
+    /// The text after the TAP directive (`# SKIP <reason>`), or a pass's comment.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// Parses one TAP result line (`ok N name`, `not ok N name`, with an optional `# DIRECTIVE
+/// text`); `None` for any other line. A `# TODO` case counts as failed if `not ok`.
+pub fn parse_case(line: &str) -> Option<Case> {
+    let line = line.trim();
+    let (ok, rest) = if let Some(r) = line.strip_prefix("not ok ") {
+        (false, r)
+    } else if let Some(r) = line.strip_prefix("ok ") {
+        (true, r)
+    } else {
+        return None;
+    };
+    let (number, rest) = rest.split_once(' ').unwrap_or((rest, ""));
+    number.parse::<u64>().ok()?;
+    let (name, comment) = match rest.split_once(" #") {
+        Some((n, c)) => (n.trim(), Some(c.trim())),
+        None => (rest.trim(), None),
+    };
+    if name.is_empty() {
+        return None;
+    }
+    let directive = comment.and_then(|c| {
+        let (word, text) = c.split_once(' ').unwrap_or((c, ""));
+        let result = match word.to_ascii_uppercase().as_str() {
+            "SKIP" => CaseResult::Skip,
+            "XFAIL" => CaseResult::Xfail,
+            "XPASS" => CaseResult::Xpass,
+            _ => return None,
+        };
+        Some((result, text.trim()))
+    });
+    let (result, reason) = match (ok, directive) {
+        (true, Some((r, text))) => (r, text),
+        (true, None) => (CaseResult::Pass, comment.unwrap_or("")),
+        (false, _) => (CaseResult::Fail, comment.unwrap_or("")),
+    };
+    Some(Case {
+        name: name.to_owned(),
+        result,
+        reason: (!reason.is_empty()).then(|| reason.to_owned()),
+    })
+}
+
+/// Every TAP result line of `out`, in order.
+pub fn cases(out: &str) -> Vec<Case> {
+    out.lines().filter_map(parse_case).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,5 +281,62 @@ mod tests {
         assert_eq!((c.ok, c.not_ok, c.skip), (1, 1, 1));
         assert_eq!(c.totals.map(|t| (t.pass, t.fail, t.skip)), Some((1, 1, 1)));
         assert_eq!(tap_counts("Random seed: 0x1\n"), TapCounts::default());
+    }
+
+    #[test]
+    fn parses_cases_as_the_harness_prints_them() {
+        // As tools/testing/selftests/mm/migration prints them (kselftest_harness.h).
+        let out = "TAP version 13\n1..6\n# Starting 6 tests from 1 test cases.\n\
+                   #  RUN           migration.private_anon ...\n\
+                   #            OK  migration.private_anon\n\
+                   ok 1 migration.private_anon\n\
+                   not ok 2 migration.shared_anon\n\
+                   ok 3 migration.private_anon_thp # SKIP Transparent Hugepages not available\n\
+                   ok 4 migration.shared_anon_thp # XFAIL known\n\
+                   ok 5 migration.private_anon_htlb #  took 20 s\n\
+                   not ok 6 migration.shared_anon_htlb # TODO later\n\
+                   # Totals: pass:2 fail:2 xfail:1 xpass:0 skip:1 error:0\n";
+        let c = cases(out);
+        let got: Vec<(&str, CaseResult, Option<&str>)> = c
+            .iter()
+            .map(|c| (c.name.as_str(), c.result, c.reason.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("migration.private_anon", CaseResult::Pass, None),
+                ("migration.shared_anon", CaseResult::Fail, None),
+                (
+                    "migration.private_anon_thp",
+                    CaseResult::Skip,
+                    Some("Transparent Hugepages not available")
+                ),
+                (
+                    "migration.shared_anon_thp",
+                    CaseResult::Xfail,
+                    Some("known")
+                ),
+                (
+                    "migration.private_anon_htlb",
+                    CaseResult::Pass,
+                    Some("took 20 s")
+                ),
+                (
+                    "migration.shared_anon_htlb",
+                    CaseResult::Fail,
+                    Some("TODO later")
+                ),
+            ]
+        );
+        for not_a_case in [
+            "ok",
+            "ok x name",
+            "not ok 3",
+            "# ok 1 a",
+            "okay 1 a",
+            "1..6",
+        ] {
+            assert_eq!(parse_case(not_a_case), None, "{not_a_case}");
+        }
     }
 }

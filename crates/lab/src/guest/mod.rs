@@ -6,6 +6,7 @@ mod gmemctl;
 mod kselftest;
 mod linux;
 mod patched;
+mod upstream;
 
 use std::io::Write;
 use std::panic::{self, AssertUnwindSafe};
@@ -18,7 +19,13 @@ use crate::report::{Status, TestResult, error_chain};
 
 pub use checks::GuestError;
 pub use full_node::hog;
+pub use kselftest::{Case, CaseResult};
 pub use patched::TESTS as PATCHED;
+pub use upstream::TESTS as UPSTREAM;
+
+/// The kernel parameter with the lab's CPU count (`gmemlab.cpus=N`); the runner sets it, and
+/// the `nodes` test checks that the kernel brought up that many, half on each node.
+pub const CPUS_PARAM: &str = "gmemlab.cpus";
 
 /// A built-in lab test.
 #[derive(Debug, Clone, Copy)]
@@ -31,7 +38,8 @@ pub struct TestInfo {
 pub const BUILTIN: &[TestInfo] = &[
     TestInfo {
         name: "nodes",
-        about: "two online NUMA nodes with memory; /dev/kvm opens (after insmod or built in)",
+        about: "two online NUMA nodes with memory, each with half of the --cpus online; \
+                /dev/kvm opens (after insmod or built in)",
     },
     TestInfo {
         name: "anon-control",
@@ -112,6 +120,7 @@ pub fn is_known(name: &str) -> bool {
         || name == CHURN_TRACED
         || name == REBOOTS
         || patched::is_known(name)
+        || upstream::is_known(name)
         || name
             .strip_prefix(EXEC_PREFIX)
             .is_some_and(|c| !c.trim().is_empty())
@@ -140,6 +149,7 @@ fn dispatch(name: &str) -> Result<Verdict, GuestError> {
         REBOOTS => linux::linux_guest_reboots(),
         _ => match name.strip_prefix(EXEC_PREFIX) {
             Some(cmd) if !cmd.trim().is_empty() => checks::exec(cmd),
+            _ if upstream::is_known(name) => upstream::dispatch(name),
             _ => patched::dispatch(name),
         },
     }

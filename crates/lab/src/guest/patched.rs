@@ -94,19 +94,19 @@ fn verdict(problems: &[String], mut detail: Value) -> Verdict {
 }
 
 /// Prints a one-line summary on the console (as `  | ...`) and returns it for the detail.
-fn summary(text: String) -> String {
+pub(super) fn summary(text: String) -> String {
     let _ = writeln!(io::stdout(), "{ECHO_PREFIX}{text}");
     text
 }
 
 /// The last `n` lines of `text`.
-fn last_lines(text: &str, n: usize) -> Vec<&str> {
+pub(super) fn last_lines(text: &str, n: usize) -> Vec<&str> {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].to_vec()
 }
 
 /// `/proc/vmstat` counters by name.
-fn vmstat() -> BTreeMap<String, u64> {
+pub(super) fn vmstat() -> BTreeMap<String, u64> {
     fs::read_to_string("/proc/vmstat")
         .unwrap_or_default()
         .lines()
@@ -117,12 +117,12 @@ fn vmstat() -> BTreeMap<String, u64> {
         .collect()
 }
 
-fn counter(stat: &BTreeMap<String, u64>, name: &str) -> u64 {
+pub(super) fn counter(stat: &BTreeMap<String, u64>, name: &str) -> u64 {
     stat.get(name).copied().unwrap_or(0)
 }
 
 /// Kernel log lines that mean something went wrong in the kernel.
-fn kernel_warnings() -> Vec<String> {
+pub(super) fn kernel_warnings() -> Vec<String> {
     let out = Command::new("/bin/dmesg").output();
     let text = out
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -139,7 +139,7 @@ fn kernel_warnings() -> Vec<String> {
 
 /// Runs `program args` and echoes its output on the console as it comes (`  | ...`).
 /// Returns (exit code, signal, stdout+stderr).
-fn run_echoed(
+pub(super) fn run_echoed(
     program: &str,
     args: &[&str],
 ) -> Result<(Option<i32>, Option<i32>, String), GuestError> {
