@@ -16,6 +16,7 @@ pub use flags::GmemFlags;
 pub use guest_memfd::GuestMemfd;
 pub use guest_memory::{ChunkLayout, GuestMemory};
 pub use mapped::MappedGmem;
+pub(crate) use placement::map_resident;
 pub use placement::{PageLocation, Placement, PlacementRange};
 pub use policy::Policy;
 

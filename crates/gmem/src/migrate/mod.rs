@@ -10,6 +10,7 @@ mod copier;
 mod engine;
 mod error;
 mod mechanism;
+mod movable;
 mod native;
 mod plan;
 mod quiesce;
@@ -22,6 +23,7 @@ pub mod verify;
 pub use copier::{ContentCopier, CopierError, CopyOutcome};
 pub use engine::{InjectedFailure, MigrationRequest, Migrator, Progress};
 pub use error::MigrateError;
+pub use movable::{ForeignMemory, MovableMemory};
 pub use plan::{PlacementPolicy, Plan, PlanInput, Step};
 pub use quiesce::{NothingToQuiesce, Paused, Quiesce, QuiesceError};
 pub use report::{

@@ -79,7 +79,7 @@ impl Refault {
         same_node: bool,
     ) -> Result<bool, MemoryError> {
         let (start, len) = (offset + part.at, part.len);
-        cx.memory.discard(start, len)?;
+        cx.host.discard(start, len)?;
         if same_node {
             // Hold the frames just freed, so this part must take others.
             self.scratch.soak(part.at, len, step.target);
@@ -94,7 +94,7 @@ impl Refault {
         }
         // Allocates under the new policy and maps in one pass; a node that cannot supply
         // the pages fails here with ENOMEM (never a SIGBUS on a later touch).
-        cx.memory.populate(start, len)?;
+        cx.host.populate(start, len)?;
         Ok(self.write_back(cx, offset, part))
     }
 
@@ -126,9 +126,9 @@ impl Refault {
                 at: start as u64 * page,
                 len: (i - start) as u64 * page,
             };
-            cx.memory.discard(offset + part.at, part.len)?;
+            cx.host.discard(offset + part.at, part.len)?;
             self.scratch.hold(part.at, part.len, step.target);
-            cx.memory.populate(offset + part.at, part.len)?;
+            cx.host.populate(offset + part.at, part.len)?;
             intact &= self.write_back(cx, offset, part);
         }
         Ok(intact)
@@ -148,11 +148,11 @@ impl Refault {
             (Policy::Bind(original), RestoredTo::Original),
             (Policy::Default, RestoredTo::AnyNode),
         ] {
-            let _ = cx.memory.discard(offset, len);
+            let _ = cx.host.discard(offset, len);
             let attempt = cx
-                .memory
+                .host
                 .set_policy_unchecked(offset, len, &policy)
-                .and_then(|()| cx.memory.populate(offset, len));
+                .and_then(|()| cx.host.populate(offset, len));
             match attempt {
                 Ok(()) if self.write_back(cx, offset, Part { at: 0, len }) => return Ok(to),
                 Ok(()) => {
@@ -208,7 +208,7 @@ impl Mechanism for Refault {
         cx.map
             .copy_to(offset as usize, &self.bounce, 0, len as usize);
         let replaced = cx
-            .memory
+            .host
             .set_policy_unchecked(offset, len, &Policy::Bind(NodeMask::single(step.target)))
             .and_then(|()| self.replace_part(cx, offset, whole, step, same_node));
         // A frame freed on one CPU can still come back when other threads allocate and free
