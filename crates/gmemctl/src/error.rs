@@ -48,6 +48,12 @@ pub enum CliError {
     /// Another process could not be stopped or resumed.
     #[error(transparent)]
     Stop(#[from] gmem::foreign::StopError),
+    /// A migration journal could not be written or read.
+    #[error(transparent)]
+    Journal(#[from] gmem::migrate::JournalError),
+    /// A journal could not be recovered.
+    #[error(transparent)]
+    Recover(#[from] gmem::foreign::RecoverError),
     /// gmemctl will not do this, because it cannot be made safe; the sentence says why.
     #[error("{0}")]
     Refused(String),
@@ -119,6 +125,10 @@ impl CliError {
             CliError::ReadConfig { .. } | CliError::ParseConfig { .. } => true,
             CliError::Attach(e) => e.is_user_error(),
             CliError::NoGuestMemfd { .. } | CliError::Refused(_) => true,
+            CliError::Journal(gmem::migrate::JournalError::Busy { .. })
+            | CliError::Recover(gmem::foreign::RecoverError::Journal(
+                gmem::migrate::JournalError::Busy { .. },
+            )) => true,
             CliError::Stop(e) => matches!(
                 e,
                 gmem::foreign::StopError::Gone { .. }

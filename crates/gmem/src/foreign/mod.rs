@@ -1,11 +1,18 @@
 //! A VMM this process did not start, reached by its PID: stop and resume all of its
-//! threads around each batch of a migration of its guest memory.
+//! threads around each batch of a migration of its guest memory, and journal each batch
+//! so that nothing is lost if this process dies in the middle of one.
 //!
 //! Its guest memory itself is taken with [`AttachedGmem`](crate::memory::AttachedGmem) and
 //! moved with [`ForeignMemory`](crate::migrate::ForeignMemory); [`VmmStop`] is the
-//! [`Quiesce`](crate::migrate::Quiesce) that keeps the VMM off it meanwhile.
+//! [`Quiesce`](crate::migrate::Quiesce) that keeps the VMM off it meanwhile, and
+//! [`Journal`] the [`BatchJournal`](crate::migrate::BatchJournal) that [`recover`] reads.
 
+mod journal;
 mod procfs;
 mod stop;
 
+pub use journal::{
+    DEFAULT_JOURNAL_DIR, GmemJournal, Journal, JournalSync, RecoverError, Recovered, RestoredBatch,
+    journalled_pids, recover,
+};
 pub use stop::{FoundState, StopError, StopMethod, VmmStop};

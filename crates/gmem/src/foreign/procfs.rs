@@ -1,5 +1,5 @@
 //! What /proc and the cgroup v2 file system say about a process: its threads' scheduler
-//! states and its cgroup.
+//! states, its start time, and its cgroup.
 
 use std::fs;
 use std::io;
@@ -31,6 +31,15 @@ pub(crate) fn thread_states(pid: u32) -> io::Result<Vec<(u32, char)>> {
 /// (t), or already gone (Z, X).
 pub(crate) fn is_stopped_state(state: char) -> bool {
     matches!(state, 'T' | 't' | 'Z' | 'X')
+}
+
+/// When process `pid` started, in clock ticks since boot (/proc/PID/stat field 22): with
+/// the PID it names one process for as long as the host runs, PID reuse or not.
+pub(crate) fn start_time(pid: u32) -> io::Result<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat_field(&stat, 22)
+        .and_then(|f| f.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc/PID/stat"))
 }
 
 /// Field `n` (1-based, as proc(5) numbers them) of a stat line. The command name, field 2,
@@ -146,6 +155,7 @@ mod tests {
         assert!(!states.is_empty());
         // The thread running this test is running.
         assert!(states.iter().any(|&(_, s)| s == 'R'), "{states:?}");
+        assert!(start_time(std::process::id()).unwrap() > 0);
         assert!(is_stopped_state('T') && is_stopped_state('t') && !is_stopped_state('S'));
     }
 

@@ -195,6 +195,22 @@ impl VmmStop {
         Ok(stop)
     }
 
+    /// A stopper that resumes process `pid` the way `method` stopped it, whatever state it
+    /// is in now: for recovery, whose journal says that a gmemctl stopped a process it had
+    /// found running.
+    pub(crate) fn resuming(pid: u32, method: StopMethod) -> Result<Self, StopError> {
+        let pidfd = pidfd::pidfd_open(pid).map_err(|source| match source.raw_os_error() {
+            Some(libc::ESRCH) => StopError::Gone { pid },
+            _ => StopError::PidfdOpen { pid, source },
+        })?;
+        Ok(VmmStop {
+            pid,
+            pidfd,
+            method,
+            found: FoundState::Running,
+        })
+    }
+
     /// The process.
     pub fn pid(&self) -> u32 {
         self.pid

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::MigrateError;
 use super::copier::ContentCopier;
+use super::journal::BatchJournal;
 use super::mechanism::{Mechanism, StepContext};
 use super::movable::MovableMemory;
 use super::native::Native;
@@ -24,8 +25,9 @@ use crate::memory::{GmemFlags, GuestMemory, MemoryError, Placement, Policy, page
 use crate::numa::{FrameNodes, NodeMask, Pagemap, Topology};
 use crate::probe::{self, Verdict};
 
-/// Largest refault/native batch, bytes: bounds the bounce buffer.
-const MAX_BATCH: u64 = 4 << 20;
+/// Largest refault/native batch, bytes: bounds the bounce buffer (and a journal's buffer).
+pub const MAX_BATCH_BYTES: u64 = 4 << 20;
+const MAX_BATCH: u64 = MAX_BATCH_BYTES;
 /// Smallest batch the stop budget may shrink to, pages.
 const MIN_BATCH_PAGES: u64 = 16;
 /// First refault batch before any stop was measured, pages.
@@ -101,6 +103,7 @@ pub struct Migrator<'a> {
     memory: &'a dyn MovableMemory,
     quiesce: &'a dyn Quiesce,
     copier: Option<&'a dyn ContentCopier>,
+    journal: Option<&'a dyn BatchJournal>,
     progress: Option<&'a (dyn Fn(&Progress) + Sync)>,
 }
 
@@ -109,6 +112,7 @@ impl std::fmt::Debug for Migrator<'_> {
         f.debug_struct("Migrator")
             .field("layout", &self.memory.layout())
             .field("copier", &self.copier.is_some())
+            .field("journal", &self.journal.is_some())
             .finish()
     }
 }
@@ -126,8 +130,16 @@ impl<'a> Migrator<'a> {
             memory,
             quiesce,
             copier: None,
+            journal: None,
             progress: None,
         }
+    }
+
+    /// Keeps refault's batches in `journal` while they hold the only copy, so that this
+    /// process dying at any point of a batch loses nothing (memory of another process).
+    pub fn with_journal(mut self, journal: &'a dyn BatchJournal) -> Self {
+        self.journal = Some(journal);
+        self
     }
 
     /// Uses a firmware-assisted copier for remap copies (required for confidential memory).
@@ -413,7 +425,7 @@ impl<'a> Migrator<'a> {
                 )
             }
             MechanismKind::Refault => {
-                let mut refault = Refault::new(self.memory.scratch_vm(), MAX_BATCH)?;
+                let mut refault = Refault::new(self.memory.scratch_vm(), MAX_BATCH, self.journal)?;
                 run_batched(&mut refault, cx, steps, request.max_stop, false, record)
             }
         }

@@ -36,6 +36,24 @@ enum PolicyArg {
     Follow,
 }
 
+/// How far the journal goes to make a record last.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum JournalSyncArg {
+    /// fsync the bytes and the record before each punch.
+    Fsync,
+    /// Leave them in the page cache.
+    PageCache,
+}
+
+impl From<JournalSyncArg> for gmem::foreign::JournalSync {
+    fn from(arg: JournalSyncArg) -> Self {
+        match arg {
+            JournalSyncArg::Fsync => gmem::foreign::JournalSync::Fsync,
+            JournalSyncArg::PageCache => gmem::foreign::JournalSync::PageCache,
+        }
+    }
+}
+
 /// What to verify after each step.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum VerifyArg {
@@ -63,6 +81,15 @@ pub struct Args {
     /// by default every guest_memfd it has open.
     #[arg(long, value_name = "FD", requires = "pid")]
     fd: Vec<i32>,
+    /// With --pid: where each batch is journalled while the VMM's memory holds none of it,
+    /// for `gmemctl recover` if gmemctl dies.
+    #[arg(long, value_name = "DIR", default_value = gmem::foreign::DEFAULT_JOURNAL_DIR, requires = "pid")]
+    journal_dir: PathBuf,
+    /// With --pid: fsync every journal record and its bytes before the punch (survives a
+    /// host crash, which the VMM does not), or leave them in the page cache (survives
+    /// gmemctl's death, the case the journal is for; no disk flush inside the stop).
+    #[arg(long, value_enum, default_value = "fsync", requires = "pid")]
+    journal_sync: JournalSyncArg,
     /// Where memory should go.
     #[arg(long, value_enum)]
     policy: PolicyArg,

@@ -6,10 +6,11 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use gmem::foreign::{FoundState, StopMethod, VmmStop};
+use gmem::foreign::{FoundState, Journal, StopMethod, VmmStop};
 use gmem::memory::{AttachedGmem, GuestMemfd};
 use gmem::migrate::{
-    ForeignMemory, MigrationReport, MigrationRequest, Migrator, PlacementPolicy, Progress,
+    BatchPoint, ForeignMemory, MigrateError, MigrationReport, MigrationRequest, Migrator,
+    PlacementPolicy, Progress,
 };
 use gmem::numa::NumaMaps;
 use serde::Serialize;
@@ -19,6 +20,10 @@ use vmm::api::MigrateBody;
 use super::{Args, ProgressBar, render_outcome, render_report, request_text, row};
 use crate::error::CliError;
 use crate::table::mib;
+
+/// Test hook: the batch point at which gmemctl kills itself (SIGKILL), to prove that the
+/// journal and `gmemctl recover` lose nothing.
+const KILL_AT_VARIABLE: &str = "GMEMCTL_TEST_KILL_AT";
 
 /// The first kernel that keeps a guest_memfd's NUMA policy per inode (shared by every
 /// mapping and by KVM's own faults) rather than per mapping (pull "kvm-x86-gmem-6.19").
@@ -70,6 +75,21 @@ pub(super) fn run(kvm_device: &Path, pid: u32, args: &Args) -> Result<(), CliErr
     let request = body
         .validate()
         .map_err(|e| CliError::InvalidArgument(e.sentence()))?;
+    let kill_at = match std::env::var(KILL_AT_VARIABLE) {
+        Ok(point) => Some(
+            point
+                .parse::<BatchPoint>()
+                .map_err(|e| CliError::InvalidArgument(format!("{KILL_AT_VARIABLE}: {e}")))?,
+        ),
+        Err(_) => None,
+    };
+    // What an earlier gmemctl left behind comes first: its batch back, the VMM resumed.
+    if let Some(recovered) = gmem::foreign::recover(&args.journal_dir, pid)? {
+        eprintln!(
+            "{}",
+            crate::cmd::recover::describe(&recovered, &args.journal_dir)
+        );
+    }
     let kvm = gmem::kvm::open(kvm_device)?;
     let attached = AttachedGmem::attach_all(pid, GuestMemfd::kernel_flags(&kvm))?;
     if attached.is_empty() {
@@ -94,35 +114,23 @@ pub(super) fn run(kvm_device: &Path, pid: u32, args: &Args) -> Result<(), CliErr
     }
     // Scratch gmem (refault's reservations, the native probe) lives in a VM of our own.
     let scratch_vm = Arc::new(gmem::kvm::create_vm(&kvm)?);
-
-    let mut moved = Vec::new();
-    for gmem in chosen {
-        let memory = ForeignMemory::new(gmem, Arc::clone(&scratch_vm));
-        let bar = Mutex::new(ProgressBar::new(format!(
-            "process {pid} fd {}",
-            gmem.fds()[0]
-        )));
-        let progress = |p: &Progress| {
-            if let Ok(value) = serde_json::to_value(p) {
-                lock(&bar).update(&value);
-            }
-        };
-        let result = Migrator::over(&memory, &stopper)
-            .with_progress(&progress)
-            .migrate(&request);
-        lock(&bar).finish();
-        let report = result?;
-        if let Ok(value) = serde_json::to_value(&report) {
-            lock(&bar).update(&value);
-            lock(&bar).finish();
+    let mut journal = Journal::begin(&args.journal_dir, &stopper, args.journal_sync.into())?;
+    journal.kill_at(kill_at);
+    let moved = migrate_each(pid, &chosen, &stopper, &journal, &scratch_vm, &request);
+    let journal_removed = journal.finish()?;
+    let moved = match moved {
+        Ok(moved) => moved,
+        Err(e) if !journal_removed => {
+            eprintln!(
+                "gmemctl: a batch of process {pid}'s memory is left in the journal in {}: run \
+                 gmemctl recover --pid {pid} --journal-dir {} once the cause below is fixed",
+                args.journal_dir.display(),
+                args.journal_dir.display()
+            );
+            return Err(e.into());
         }
-        moved.push(GmemMigration {
-            fds: gmem.fds().to_vec(),
-            inode: gmem.inode(),
-            size_bytes: gmem.size(),
-            report,
-        });
-    }
+        Err(e) => return Err(e.into()),
+    };
     let future_allocations = future_allocations(pid, &request, &attached, &moved);
     let complete = moved
         .iter()
@@ -160,6 +168,48 @@ pub(super) fn run(kvm_device: &Path, pid: u32, args: &Args) -> Result<(), CliErr
                 .join("; ")
         )))
     }
+}
+
+/// Moves each chosen gmem in turn, every refault batch journalled.
+fn migrate_each(
+    pid: u32,
+    chosen: &[&AttachedGmem],
+    stopper: &VmmStop,
+    journal: &Journal,
+    scratch_vm: &Arc<kvm_ioctls::VmFd>,
+    request: &MigrationRequest,
+) -> Result<Vec<GmemMigration>, MigrateError> {
+    let mut moved = Vec::new();
+    for &gmem in chosen {
+        let memory = ForeignMemory::new(gmem, Arc::clone(scratch_vm));
+        let gmem_journal = journal.for_gmem(gmem);
+        let bar = Mutex::new(ProgressBar::new(format!(
+            "process {pid} fd {}",
+            gmem.fds()[0]
+        )));
+        let progress = |p: &Progress| {
+            if let Ok(value) = serde_json::to_value(p) {
+                lock(&bar).update(&value);
+            }
+        };
+        let result = Migrator::over(&memory, stopper)
+            .with_journal(&gmem_journal)
+            .with_progress(&progress)
+            .migrate(request);
+        lock(&bar).finish();
+        let report = result?;
+        if let Ok(value) = serde_json::to_value(&report) {
+            lock(&bar).update(&value);
+            lock(&bar).finish();
+        }
+        moved.push(GmemMigration {
+            fds: gmem.fds().to_vec(),
+            inode: gmem.inode(),
+            size_bytes: gmem.size(),
+            report,
+        });
+    }
+    Ok(moved)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
