@@ -48,6 +48,15 @@ pub enum CliError {
     /// Another process could not be stopped or resumed.
     #[error(transparent)]
     Stop(#[from] gmem::foreign::StopError),
+    /// /proc could not be read.
+    #[error("cannot read {what}")]
+    ReadProc {
+        /// What, in words.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A migration journal could not be written or read.
     #[error(transparent)]
     Journal(#[from] gmem::migrate::JournalError),

@@ -4,7 +4,6 @@
 //! /dev/kvm with gmemctl's test hook GMEMCTL_TEST_KILL_AT, against the test VMM (whose
 //! memory holds still, so every byte is compared) and against a running `gmemctl run` VM.
 
-use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -16,11 +15,7 @@ use vmm::api::ApiClient;
 
 mod common;
 
-use common::{
-    Holder, PageSeen, RunningVm, TempDir, gmemctl, is_stopped, json, outside_view, stderr,
-};
-
-type View = BTreeMap<u64, Vec<Option<PageSeen>>>;
+use common::{Holder, RunningVm, TempDir, View, gmemctl, is_stopped, json, outside_view, stderr};
 
 /// `gmemctl migrate --pid PID` relocating in place, journalled in `dir`, with the kill hook
 /// at `kill_at` (if any).

@@ -3,7 +3,6 @@
 //! outside the process, the guest counts no mismatch and keeps running, a VMM found stopped
 //! is left stopped, and one in a cgroup of its own is frozen rather than signalled.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -14,11 +13,7 @@ use vmm::api::ApiClient;
 
 mod common;
 
-use common::{
-    Holder, PageSeen, RunningVm, TempDir, gmemctl, is_stopped, json, outside_view, stderr,
-};
-
-type View = BTreeMap<u64, Vec<Option<PageSeen>>>;
+use common::{Holder, RunningVm, TempDir, View, gmemctl, is_stopped, json, outside_view, stderr};
 
 fn resident(view: &View) -> usize {
     view.values().flatten().filter(|p| p.is_some()).count()

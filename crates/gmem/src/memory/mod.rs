@@ -10,6 +10,7 @@ mod mapped;
 mod placement;
 mod policy;
 
+pub(crate) use attached::procfs as gmem_procfs;
 pub(crate) use attached::take_gmem_file;
 pub use attached::{AttachError, AttachedGmem, LearnedFlags, Residency, VmmMapping};
 pub use error::MemoryError;

@@ -454,6 +454,7 @@ fn render_report(report: &Value) -> String {
             report["pfns_checked"].as_u64(),
         ) {
             (Some(changed), Some(checked)) => format!("{changed} of {checked} pages checked"),
+            _ if report["steps"] == 0 => "none to check (no step ran)".into(),
             _ => "not checked (PFNs need root)".into(),
         },
     );

@@ -14,9 +14,14 @@
 //! vCPU run a verify-only pass over its run (no write first), and the guest's mismatch
 //! counts come back as one line, `{"verified": {"mismatches": N, "per_vcpu": [...]}}`: so
 //! a test can ask the guest itself whether memory moved under it is intact.
+//!
+//! With `GMEM_TEST_HOLDER_OPEN=PATH[,PATH...]` it also holds those files open (O_PATH,
+//! which needs no driver behind a device node) for as long as it runs: a stand-in for a
+//! VMM's vhost or VFIO devices.
 
 use std::io::{BufRead, Write};
 use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
 use gmem::memory::{ChunkLayout, GmemFlags, GuestMemfd, GuestMemory, page_size};
@@ -45,6 +50,19 @@ fn main() {
 }
 
 fn run() -> Result<(), String> {
+    let _held: Vec<std::fs::File> = match std::env::var("GMEM_TEST_HOLDER_OPEN") {
+        Ok(paths) => paths
+            .split(',')
+            .map(|path| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_PATH)
+                    .open(path)
+                    .map_err(|e| format!("opening {path}: {e}"))
+            })
+            .collect::<Result<_, _>>()?,
+        Err(_) => Vec::new(),
+    };
     let kvm = gmem::kvm::open(std::path::Path::new(gmem::kvm::DEFAULT_KVM_DEVICE))
         .map_err(|e| e.to_string())?;
     let vm = Arc::new(gmem::kvm::create_vm(&kvm).map_err(|e| e.to_string())?);

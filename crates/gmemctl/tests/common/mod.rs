@@ -160,7 +160,13 @@ pub struct Holder {
 
 impl Holder {
     pub fn start() -> Holder {
+        Self::start_with(&[])
+    }
+
+    /// Starts it with extra environment variables.
+    pub fn start_with(env: &[(&str, &str)]) -> Holder {
         let mut child = Command::new(env!("CARGO_BIN_EXE_gmem-test-holder"))
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -221,9 +227,13 @@ pub struct PageSeen {
 }
 
 /// Every page of each host-mappable guest_memfd of a VMM, by inode: `None` where no page
-/// is resident. Taken with pidfd_getfd and this process's own mapping, and let go (the
-/// descriptors closed, the mappings gone) before it returns, so that the VMM's memory is
-/// held by no other process afterwards.
+/// is resident.
+pub type View = std::collections::BTreeMap<u64, Vec<Option<PageSeen>>>;
+
+/// The [`View`] of process `pid` now, with the pages' bytes if `with_bytes`. Taken with
+/// pidfd_getfd and this process's own mapping, and let go (the descriptors closed, the
+/// mappings gone) before it returns, so that no other process holds the VMM's memory
+/// afterwards.
 pub fn outside_view(
     pid: u32,
     with_bytes: bool,

@@ -6,7 +6,7 @@
 //! of the VMM cannot do: it counts only pages mapped in the VMM's own page tables.
 
 mod error;
-mod procfs;
+pub(crate) mod procfs;
 
 use std::collections::BTreeMap;
 use std::fs::File;

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use gmem::foreign::{FoundState, Journal, StopMethod, VmmStop};
 use gmem::memory::{AttachedGmem, GuestMemfd};
 use gmem::migrate::{
-    BatchPoint, ForeignMemory, MigrateError, MigrationReport, MigrationRequest, Migrator,
-    PlacementPolicy, Progress,
+    BatchPoint, ForeignMemory, MechanismChoice, MechanismKind, MigrateError, MigrationReport,
+    MigrationRequest, Migrator, PlacementPolicy, Progress,
 };
 use gmem::numa::NumaMaps;
 use serde::Serialize;
@@ -99,6 +99,24 @@ pub(super) fn run(kvm_device: &Path, pid: u32, args: &Args) -> Result<(), CliErr
     for gmem in &chosen {
         if gmem.mapped().is_err() {
             return Err(CliError::Refused(not_host_mappable(pid, gmem, &attached)));
+        }
+    }
+    // The kernel's own migration needs no stop; everything else stops the VMM's threads,
+    // which keeps its guest memory still only if nothing else reaches it.
+    if request.mechanism != MechanismChoice::Exactly(MechanismKind::Native) {
+        let hazards =
+            gmem::foreign::hazards(pid, &chosen).map_err(|source| CliError::ReadProc {
+                what: format!("the open files of process {pid} and of every other process"),
+                source,
+            })?;
+        if !hazards.is_empty() {
+            return Err(CliError::Refused(
+                hazards
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            ));
         }
     }
     let stopper = VmmStop::new(pid)?;
