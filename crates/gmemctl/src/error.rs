@@ -45,6 +45,27 @@ pub enum CliError {
     /// A migration could not run.
     #[error(transparent)]
     Migrate(#[from] gmem::migrate::MigrateError),
+    /// Another process could not be stopped or resumed.
+    #[error(transparent)]
+    Stop(#[from] gmem::foreign::StopError),
+    /// /proc could not be read.
+    #[error("cannot read {what}")]
+    ReadProc {
+        /// What, in words.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A migration journal could not be written or read.
+    #[error(transparent)]
+    Journal(#[from] gmem::migrate::JournalError),
+    /// A journal could not be recovered.
+    #[error(transparent)]
+    Recover(#[from] gmem::foreign::RecoverError),
+    /// gmemctl will not do this, because it cannot be made safe; the sentence says why.
+    #[error("{0}")]
+    Refused(String),
     /// A command-line value is out of range.
     #[error("{0}")]
     InvalidArgument(String),
@@ -112,7 +133,16 @@ impl CliError {
             CliError::ApiRefused { status, .. } => (400..500).contains(status),
             CliError::ReadConfig { .. } | CliError::ParseConfig { .. } => true,
             CliError::Attach(e) => e.is_user_error(),
-            CliError::NoGuestMemfd { .. } => true,
+            CliError::NoGuestMemfd { .. } | CliError::Refused(_) => true,
+            CliError::Journal(gmem::migrate::JournalError::Busy { .. })
+            | CliError::Recover(gmem::foreign::RecoverError::Journal(
+                gmem::migrate::JournalError::Busy { .. },
+            )) => true,
+            CliError::Stop(e) => matches!(
+                e,
+                gmem::foreign::StopError::Gone { .. }
+                    | gmem::foreign::StopError::PartlyStopped { .. }
+            ),
             _ => false,
         };
         if user { EXIT_USER } else { EXIT_FAILURE }

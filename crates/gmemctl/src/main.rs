@@ -35,9 +35,13 @@ enum Command {
     /// Start the built-in guest in a VM on gmem memory and serve its control API (HTTP/JSON
     /// on a Unix socket) until SIGINT or SIGTERM.
     Run(cmd::run::Args),
-    /// Ask a running VM (`gmemctl run`) to move its memory; follow the job and print the
-    /// verified result. Exit 1 if the migration was incomplete or did not verify.
+    /// Move a VM's memory: ask a running `gmemctl run` through its API, or move any VMM's
+    /// guest_memfd memory from outside with --pid; print the verified result. Exit 1 if
+    /// the migration was incomplete or did not verify.
     Migrate(cmd::migrate::Args),
+    /// Finish what a `gmemctl migrate --pid` that died left: put its journalled batch back
+    /// into the VMM's guest memory (every byte compared) and resume the VMM it had stopped.
+    Recover(cmd::recover::Args),
     /// Boot the built-in guest and move all its memory to another node and back while it
     /// writes and verifies it (on one node: relocate it within the node, proven by PFNs);
     /// report stops, throughput and mismatches, and draw a placement map.
@@ -56,7 +60,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Probe(args) => cmd::probe::run(&cli.kvm_device, args),
         Command::Status(args) => cmd::status::run(&cli.kvm_device, args),
         Command::Run(args) => cmd::run::run(&cli.kvm_device, args),
-        Command::Migrate(args) => cmd::migrate::run(args),
+        Command::Migrate(args) => cmd::migrate::run(&cli.kvm_device, args),
+        Command::Recover(args) => cmd::recover::run(args),
         Command::Demo(args) => cmd::demo::run(&cli.kvm_device, args),
         Command::Selftest(args) => cmd::selftest::run(&cli.kvm_device, args),
         Command::Bench(args) => cmd::bench::run(&cli.kvm_device, args),

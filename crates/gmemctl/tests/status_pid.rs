@@ -3,8 +3,7 @@
 //! guest wrote, pages only the guest touched included, where numa_maps sees none of them;
 //! and each user error is one sentence with exit code 2.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use gmem::memory::page_size;
@@ -15,53 +14,7 @@ use vmm::api::ApiClient;
 
 mod common;
 
-use common::{RunningVm, TempDir, assert_user_error, gmemctl, json, stderr};
-
-/// The test VMM of tests/bin/gmem_test_holder.rs, running until dropped.
-struct Holder {
-    child: Child,
-    /// Held open: the holder exits when it closes.
-    stdin: Option<ChildStdin>,
-    /// What it reported once its guest had written its pages.
-    ready: Value,
-}
-
-impl Holder {
-    fn start() -> Holder {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gmem-test-holder"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("gmem-test-holder starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let report: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
-            let status = child.wait();
-            panic!("gmem-test-holder did not get ready ({e}, {status:?}): {line:?}")
-        });
-        Holder {
-            stdin: child.stdin.take(),
-            ready: report["ready"].clone(),
-            child,
-        }
-    }
-
-    fn pid(&self) -> String {
-        self.ready["pid"].to_string()
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        if self.child.wait().is_err() {
-            let _ = self.child.kill();
-        }
-    }
-}
+use common::{Holder, RunningVm, TempDir, assert_user_error, gmemctl, json, stderr};
 
 /// Every page's location as `Placement` JSON lists it ("not_present", {"node": 0}, ...).
 fn pages_of(placement: &Value) -> Vec<Value> {

@@ -361,18 +361,7 @@ impl GuestMemory {
 
     /// Where each page of guest RAM is, in guest-physical order (follows remapped chunks).
     pub fn guest_placement(&self) -> Result<Placement, MemoryError> {
-        let page = page_size();
-        let map = self.mapping()?;
-        for offset in self.chunk_offsets() {
-            super::placement::map_resident(map, offset, self.layout.chunk_size)?;
-        }
-        let addrs: Vec<usize> = self
-            .chunk_offsets()
-            .iter()
-            .flat_map(|&off| (0..self.layout.chunk_size / page).map(move |p| off + p * page))
-            .map(|off| map.addr() + off as usize)
-            .collect();
-        Placement::query_addrs(0, &addrs, page)
+        crate::migrate::MovableMemory::guest_placement(self)
     }
 
     /// Frees a gmem range's pages (see [`MappedGmem::discard`]).

@@ -10,12 +10,15 @@ mod mapped;
 mod placement;
 mod policy;
 
+pub(crate) use attached::procfs as gmem_procfs;
+pub(crate) use attached::take_gmem_file;
 pub use attached::{AttachError, AttachedGmem, LearnedFlags, Residency, VmmMapping};
 pub use error::MemoryError;
 pub use flags::GmemFlags;
 pub use guest_memfd::GuestMemfd;
 pub use guest_memory::{ChunkLayout, GuestMemory};
 pub use mapped::MappedGmem;
+pub(crate) use placement::map_resident;
 pub use placement::{PageLocation, Placement, PlacementRange};
 pub use policy::Policy;
 

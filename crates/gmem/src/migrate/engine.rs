@@ -1,13 +1,16 @@
 //! `Migrator`: plans a migration, runs it step by step within a stop budget, verifies every
 //! step, and reports what moved and what did not.
 
+use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use super::MigrateError;
 use super::copier::ContentCopier;
+use super::journal::BatchJournal;
 use super::mechanism::{Mechanism, StepContext};
+use super::movable::MovableMemory;
 use super::native::Native;
 use super::plan::{PlacementPolicy, Plan, PlanInput, Step};
 use super::quiesce::Quiesce;
@@ -22,8 +25,9 @@ use crate::memory::{GmemFlags, GuestMemory, MemoryError, Placement, Policy, page
 use crate::numa::{FrameNodes, NodeMask, Pagemap, Topology};
 use crate::probe::{self, Verdict};
 
-/// Largest refault/native batch, bytes: bounds the bounce buffer.
-const MAX_BATCH: u64 = 4 << 20;
+/// Largest refault/native batch, bytes: bounds the bounce buffer (and a journal's buffer).
+pub const MAX_BATCH_BYTES: u64 = 4 << 20;
+const MAX_BATCH: u64 = MAX_BATCH_BYTES;
 /// Smallest batch the stop budget may shrink to, pages.
 const MIN_BATCH_PAGES: u64 = 16;
 /// First refault batch before any stop was measured, pages.
@@ -96,17 +100,19 @@ pub struct Progress {
 
 /// Moves one guest memory's pages between nodes.
 pub struct Migrator<'a> {
-    memory: &'a GuestMemory,
+    memory: &'a dyn MovableMemory,
     quiesce: &'a dyn Quiesce,
     copier: Option<&'a dyn ContentCopier>,
+    journal: Option<&'a dyn BatchJournal>,
     progress: Option<&'a (dyn Fn(&Progress) + Sync)>,
 }
 
 impl std::fmt::Debug for Migrator<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Migrator")
-            .field("layout", self.memory.layout())
+            .field("layout", &self.memory.layout())
             .field("copier", &self.copier.is_some())
+            .field("journal", &self.journal.is_some())
             .finish()
     }
 }
@@ -114,12 +120,26 @@ impl std::fmt::Debug for Migrator<'_> {
 impl<'a> Migrator<'a> {
     /// A migrator for `memory`, stopping its accessors through `quiesce`.
     pub fn new(memory: &'a GuestMemory, quiesce: &'a dyn Quiesce) -> Self {
+        Self::over(memory, quiesce)
+    }
+
+    /// A migrator for any [`MovableMemory`] (owned, or another process's), stopping its
+    /// accessors through `quiesce`.
+    pub fn over(memory: &'a dyn MovableMemory, quiesce: &'a dyn Quiesce) -> Self {
         Migrator {
             memory,
             quiesce,
             copier: None,
+            journal: None,
             progress: None,
         }
+    }
+
+    /// Keeps refault's batches in `journal` while they hold the only copy, so that this
+    /// process dying at any point of a batch loses nothing (memory of another process).
+    pub fn with_journal(mut self, journal: &'a dyn BatchJournal) -> Self {
+        self.journal = Some(journal);
+        self
     }
 
     /// Uses a firmware-assisted copier for remap copies (required for confidential memory).
@@ -135,16 +155,36 @@ impl<'a> Migrator<'a> {
     }
 
     fn can_remap(&self) -> bool {
-        let layout = self.memory.layout();
-        layout.spare_chunks > 0 && self.memory.spare_chunks() > 0
+        self.memory
+            .remappable()
+            .is_some_and(|owned| owned.layout().spare_chunks > 0 && owned.spare_chunks() > 0)
+    }
+
+    /// Why remap cannot serve this memory.
+    fn why_not_remap(&self) -> &'static str {
+        if self.memory.remappable().is_none() {
+            "remap rebinds memslots, which only the VMM that owns this memory can do: use refault or native"
+        } else {
+            "the memory layout has no free spare chunk (create it with spare chunks)"
+        }
     }
 
     /// Whether the kernel migrates this memory's folios: tried live on a scratch gmem with
-    /// the same flags, which needs two nodes with memory.
+    /// the same flags, which needs two nodes with memory. Where the MIGRATABLE flag cannot
+    /// be known (another process's gmem), the probe assumes it set, so a yes is tentative.
     fn native_works(&self, topology: &Topology) -> bool {
-        let flags = GmemFlags::HOST_MAPPABLE
-            | GmemFlags(self.memory.gmem().flags().0 & GmemFlags::MIGRATABLE.0);
-        probe::native_migration(self.memory.vm(), topology, flags).verdict == Verdict::Yes
+        let vm = self.memory.scratch_vm();
+        let migratable = match self.memory.migratable() {
+            Some(known) => known,
+            None => crate::memory::GuestMemfd::supported_flags(vm)
+                .is_some_and(|f| f.contains(GmemFlags::MIGRATABLE)),
+        };
+        let flags = if migratable {
+            GmemFlags::HOST_MAPPABLE | GmemFlags::MIGRATABLE
+        } else {
+            GmemFlags::HOST_MAPPABLE
+        };
+        probe::native_migration(vm, topology, flags).verdict == Verdict::Yes
     }
 
     /// Picks the mechanism for `request`.
@@ -166,10 +206,9 @@ impl<'a> Migrator<'a> {
                     "move_pages skips pages already on their target node, so it cannot relocate within a node",
                 )
             }
-            MechanismChoice::Exactly(MechanismKind::Remap) if !self.can_remap() => unavailable(
-                MechanismKind::Remap,
-                "the memory layout has no free spare chunk (create it with spare chunks)",
-            ),
+            MechanismChoice::Exactly(MechanismKind::Remap) if !self.can_remap() => {
+                unavailable(MechanismKind::Remap, self.why_not_remap())
+            }
             MechanismChoice::Exactly(kind) => Ok(kind),
             MechanismChoice::Auto => Ok(
                 if !request.relocate_in_place && self.native_works(topology) {
@@ -218,16 +257,17 @@ impl<'a> Migrator<'a> {
             ));
         }
         let started = Instant::now();
-        let confidential = self.memory.mapping().is_err();
+        let host = self.memory.host()?;
+        let confidential = host.mapping().is_err();
         if confidential && self.copier.is_none() {
             return Err(MigrateError::Confidential {
-                flags: self.memory.gmem().flags(),
+                flags: host.gmem().flags(),
             });
         }
         if confidential {
             return self.migrate_confidential(request, started);
         }
-        let map = self.memory.mapping()?;
+        let map = host.mapping()?;
         let before = self.memory.guest_placement()?;
         let (mechanism, plan) = self.plan(request)?;
         let pagemap = Pagemap::open_self().ok();
@@ -247,6 +287,7 @@ impl<'a> Migrator<'a> {
         }
         let cx = StepContext {
             memory: self.memory,
+            host,
             map,
             quiesce: self.quiesce,
             verify: request.verify,
@@ -264,6 +305,7 @@ impl<'a> Migrator<'a> {
         let mut reports: Vec<StepReport> = Vec::new();
         let mut stops: Vec<Duration> = Vec::new();
         let mut pages_moved = 0u64;
+        let running = Cell::new(mechanism);
         // Records one step's report; false once a step failed (the migration stops there).
         let mut record = |mut report: StepReport, pages_to_move: u64| -> bool {
             stops.extend(report.stop);
@@ -281,7 +323,7 @@ impl<'a> Migrator<'a> {
             reports.push(report);
             if let Some(progress) = self.progress {
                 progress(&Progress {
-                    mechanism,
+                    mechanism: running.get(),
                     pages_moved,
                     pages_planned: plan.pages_to_move,
                     steps: reports.len() as u64,
@@ -289,32 +331,36 @@ impl<'a> Migrator<'a> {
             }
             ok
         };
-        match mechanism {
-            MechanismKind::Remap => Remap.run_pipelined(&cx, &plan.steps, &mut record)?,
-            MechanismKind::Native => {
-                // Without content checks native never stops the guest: take the largest batches.
-                let never_stops = !request.verify.checks_content();
-                run_batched(
-                    &mut Native::new(),
+        // Native chosen for memory whose MIGRATABLE flag cannot be seen is a guess: if the
+        // kernel refuses its very first batch, nothing moved, and refault takes over.
+        let tentative = mechanism == MechanismKind::Native
+            && request.mechanism == MechanismChoice::Auto
+            && self.memory.migratable().is_none();
+        let recorded = Cell::new(0usize);
+        let mut counted = |report: StepReport, pages: u64| {
+            recorded.set(recorded.get() + 1);
+            record(report, pages)
+        };
+        match self.run_mechanism(mechanism, &cx, &plan.steps, request, &mut counted) {
+            Err(MigrateError::NativeUnsupported { evidence })
+                if tentative && recorded.get() == 0 =>
+            {
+                notes.push(format!(
+                    "native was tried first (this gmem's MIGRATABLE flag cannot be seen from \
+                     outside) and the kernel refused it: {evidence}; refault moved it instead"
+                ));
+                running.set(MechanismKind::Refault);
+                self.run_mechanism(
+                    MechanismKind::Refault,
                     &cx,
                     &plan.steps,
-                    request.max_stop,
-                    never_stops,
-                    &mut record,
-                )?
+                    request,
+                    &mut counted,
+                )?;
             }
-            MechanismKind::Refault => {
-                let mut refault = Refault::new(self.memory.vm(), MAX_BATCH)?;
-                run_batched(
-                    &mut refault,
-                    &cx,
-                    &plan.steps,
-                    request.max_stop,
-                    false,
-                    &mut record,
-                )?
-            }
+            other => other?,
         }
+        let mechanism = running.get();
         let attempted: std::collections::BTreeSet<u64> =
             reports.iter().map(|r| r.guest_offset).collect();
         let not_attempted = plan
@@ -346,6 +392,45 @@ impl<'a> Migrator<'a> {
         ))
     }
 
+    /// Runs the steps with one mechanism; `record` gets every report.
+    fn run_mechanism(
+        &self,
+        mechanism: MechanismKind,
+        cx: &StepContext<'_>,
+        steps: &[Step],
+        request: &MigrationRequest,
+        record: &mut dyn FnMut(StepReport, u64) -> bool,
+    ) -> Result<(), MigrateError> {
+        match mechanism {
+            MechanismKind::Remap => {
+                let owned =
+                    self.memory
+                        .remappable()
+                        .ok_or_else(|| MigrateError::MechanismUnavailable {
+                            mechanism,
+                            reason: self.why_not_remap().into(),
+                        })?;
+                Remap { memory: owned }.run_pipelined(cx, steps, record)
+            }
+            MechanismKind::Native => {
+                // Without content checks native never stops the guest: take the largest batches.
+                let never_stops = !request.verify.checks_content();
+                run_batched(
+                    &mut Native::new(),
+                    cx,
+                    steps,
+                    request.max_stop,
+                    never_stops,
+                    record,
+                )
+            }
+            MechanismKind::Refault => {
+                let mut refault = Refault::new(self.memory.scratch_vm(), MAX_BATCH, self.journal)?;
+                run_batched(&mut refault, cx, steps, request.max_stop, false, record)
+            }
+        }
+    }
+
     /// Binds the range of each step `bound` selects to its target for future allocations
     /// (pages the guest has not touched yet), so the placement holds after the move; the
     /// other steps' ranges get the default policy.
@@ -368,6 +453,7 @@ impl<'a> Migrator<'a> {
                 Policy::Default
             };
             self.memory
+                .host()?
                 .set_policy_unchecked(offset, step.len, &policy)?;
         }
         Ok(())
@@ -457,15 +543,19 @@ impl<'a> Migrator<'a> {
                 )));
             }
         };
-        if !self.can_remap() {
-            return Err(MigrateError::MechanismUnavailable {
-                mechanism: MechanismKind::Remap,
-                reason:
-                    "confidential memory moves only by remap, and the layout has no spare chunk"
-                        .into(),
-            });
-        }
-        let layout = *self.memory.layout();
+        let owned = match self.memory.remappable() {
+            Some(owned) if self.can_remap() => owned,
+            _ => {
+                return Err(MigrateError::MechanismUnavailable {
+                    mechanism: MechanismKind::Remap,
+                    reason: format!(
+                        "confidential memory moves only by remap, and {}",
+                        self.why_not_remap()
+                    ),
+                });
+            }
+        };
+        let layout = *owned.layout();
         let pages_per_chunk = layout.chunk_size / page_size();
         let plan = Plan {
             steps: (0..layout.chunks())
@@ -483,7 +573,7 @@ impl<'a> Migrator<'a> {
         let mut reports = Vec::new();
         let mut stops = Vec::new();
         for step in &plan.steps {
-            let report = remap_confidential(self.memory, self.quiesce, copier, step)?;
+            let report = remap_confidential(owned, self.quiesce, copier, step)?;
             stops.extend(report.stop);
             let failed = report.outcome != StepOutcome::Moved;
             reports.push(report);

@@ -48,6 +48,27 @@ pub enum MigrateError {
     /// A guest-memory operation failed outside any step.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// The journal could not record a batch before its punch; the batch was left untouched
+    /// and the guest resumed.
+    #[error("cannot journal a batch before punching it; nothing of it was touched")]
+    Journal(#[source] super::JournalError),
+    /// A batch is back in guest memory and verified, but its journal record could not be
+    /// removed. The guest stays paused: resumed, it could write over memory that a later
+    /// recovery would then put the recorded bytes back into.
+    #[error(
+        "the batch at guest offset {offset:#x} ({len:#x} bytes) is back in place and verified, \
+         but its journal record could not be removed; the guest is left paused (gmemctl \
+         recover restores the same bytes and resumes it)"
+    )]
+    JournalNotCleared {
+        /// Guest offset of the batch.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The cause.
+        #[source]
+        source: super::JournalError,
+    },
     /// Content could not be put back after a failed step. The guest stays paused so that it
     /// does not run on missing memory.
     #[error(

@@ -3,19 +3,22 @@
 use std::time::Duration;
 
 use super::copier::ContentCopier;
+use super::movable::MovableMemory;
 use super::plan::Step;
 use super::quiesce::Quiesce;
 use super::report::{ContentCheck, StepOutcome, StepReport};
 use super::verify::{self, Verify};
 use super::{InjectedFailure, MigrateError};
-use crate::memory::{GuestMemory, Placement, page_size};
+use crate::memory::{MappedGmem, Placement, page_size};
 use crate::numa::{FrameNodes, NodeId, Pagemap};
 use crate::sys::mman::Mmap;
 
 /// Everything a step may use.
 #[derive(Clone)]
 pub(crate) struct StepContext<'a> {
-    pub memory: &'a GuestMemory,
+    pub memory: &'a dyn MovableMemory,
+    /// The gmem with this process's mapping: every range operation goes through it.
+    pub host: &'a MappedGmem,
     pub map: &'a Mmap,
     pub quiesce: &'a dyn Quiesce,
     pub verify: Verify,

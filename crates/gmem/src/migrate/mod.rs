@@ -9,7 +9,9 @@
 mod copier;
 mod engine;
 mod error;
+mod journal;
 mod mechanism;
+mod movable;
 mod native;
 mod plan;
 mod quiesce;
@@ -20,8 +22,10 @@ mod scratch;
 pub mod verify;
 
 pub use copier::{ContentCopier, CopierError, CopyOutcome};
-pub use engine::{InjectedFailure, MigrationRequest, Migrator, Progress};
+pub use engine::{InjectedFailure, MAX_BATCH_BYTES, MigrationRequest, Migrator, Progress};
 pub use error::MigrateError;
+pub use journal::{BatchJournal, BatchPoint, JournalError};
+pub use movable::{ForeignMemory, MovableMemory};
 pub use plan::{PlacementPolicy, Plan, PlanInput, Step};
 pub use quiesce::{NothingToQuiesce, Paused, Quiesce, QuiesceError};
 pub use report::{

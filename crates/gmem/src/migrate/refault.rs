@@ -7,8 +7,11 @@
 //! then gets the reservation's frames. Within one node, a soak first takes the frames the
 //! punch freed and holds them while the batch allocates, so a relocation really changes
 //! every frame. After the punch, the bounce buffer
-//! holds the only copy: every failure from there on writes it back before resuming.
+//! holds the only copy: every failure from there on writes it back before resuming. Where
+//! this process dying must not lose it either (another process's memory), the bounce
+//! buffer is a [`BatchJournal`]'s, recorded before the punch and cleared after the copy back.
 
+use super::journal::{BatchJournal, BatchPoint};
 use super::mechanism::{Mechanism, StepContext, check_result, report};
 use super::plan::Step;
 use super::quiesce::Paused;
@@ -28,43 +31,88 @@ struct Part {
     len: u64,
 }
 
+/// Where a batch waits while its pages are replaced.
+enum Bounce<'j> {
+    /// Memory of this process: enough where this process is the guest's owner.
+    Owned(Mmap),
+    /// The journal's buffer, which outlives this process.
+    Journal(&'j dyn BatchJournal),
+}
+
 /// The refault mechanism, with its bounded buffers.
-pub(crate) struct Refault {
+pub(crate) struct Refault<'j> {
     /// Holds one batch while its pages are replaced; never the whole guest.
-    bounce: Mmap,
+    bounce: Bounce<'j>,
     scratch: Scratch,
 }
 
-impl Refault {
-    /// Buffers for batches of up to `max_batch` bytes.
+impl<'j> Refault<'j> {
+    /// Buffers for batches of up to `max_batch` bytes: the journal's, if there is one.
     pub fn new(
         cx_vm: &std::sync::Arc<kvm_ioctls::VmFd>,
         max_batch: u64,
+        journal: Option<&'j dyn BatchJournal>,
     ) -> Result<Self, MigrateError> {
-        let bounce = Mmap::anonymous(max_batch as usize).map_err(|source| MemoryError::Mmap {
-            len: max_batch,
-            source,
-        })?;
+        let bounce = match journal {
+            Some(journal) => {
+                if (journal.buffer().len() as u64) < max_batch {
+                    return Err(MigrateError::InvalidRequest(format!(
+                        "the journal's buffer holds {} bytes, less than a {max_batch} byte batch",
+                        journal.buffer().len()
+                    )));
+                }
+                Bounce::Journal(journal)
+            }
+            None => Bounce::Owned(Mmap::anonymous(max_batch as usize).map_err(|source| {
+                MemoryError::Mmap {
+                    len: max_batch,
+                    source,
+                }
+            })?),
+        };
+        let refault = Refault {
+            bounce,
+            scratch: Scratch::new(cx_vm, max_batch)?,
+        };
         // Fault the bounce buffer in once, not inside every stop.
-        bounce
+        refault
+            .bounce()
             .populate_write(0, max_batch as usize)
             .map_err(|source| MemoryError::Populate {
                 offset: 0,
                 len: max_batch,
                 source,
             })?;
-        Ok(Refault {
-            bounce,
-            scratch: Scratch::new(cx_vm, max_batch)?,
-        })
+        Ok(refault)
+    }
+
+    fn bounce(&self) -> &Mmap {
+        match &self.bounce {
+            Bounce::Owned(map) => map,
+            Bounce::Journal(journal) => journal.buffer(),
+        }
+    }
+
+    fn journal(&self) -> Option<&'j dyn BatchJournal> {
+        match self.bounce {
+            Bounce::Owned(_) => None,
+            Bounce::Journal(journal) => Some(journal),
+        }
+    }
+
+    /// Test hook: tells the journal (if any) that the batch reached `point`.
+    fn reached(&self, point: BatchPoint) {
+        if let Some(journal) = self.journal() {
+            journal.reached(point);
+        }
     }
 
     /// Copies the bounce buffer into the range; with checking on, returns whether what
     /// landed equals the bounce buffer byte for byte.
     fn write_back(&self, cx: &StepContext<'_>, offset: u64, part: Part) -> bool {
         let (at, len) = (part.at as usize, part.len as usize);
-        self.bounce.copy_to(at, cx.map, offset as usize + at, len);
-        !cx.verify.checks_content() || cx.map.equal(offset as usize + at, &self.bounce, at, len)
+        self.bounce().copy_to(at, cx.map, offset as usize + at, len);
+        !cx.verify.checks_content() || cx.map.equal(offset as usize + at, self.bounce(), at, len)
     }
 
     /// The stopped work for a part: punch, (soak), take the reservation's frames, allocate
@@ -79,7 +127,8 @@ impl Refault {
         same_node: bool,
     ) -> Result<bool, MemoryError> {
         let (start, len) = (offset + part.at, part.len);
-        cx.memory.discard(start, len)?;
+        cx.host.discard(start, len)?;
+        self.reached(BatchPoint::Punched);
         if same_node {
             // Hold the frames just freed, so this part must take others.
             self.scratch.soak(part.at, len, step.target);
@@ -94,7 +143,8 @@ impl Refault {
         }
         // Allocates under the new policy and maps in one pass; a node that cannot supply
         // the pages fails here with ENOMEM (never a SIGBUS on a later touch).
-        cx.memory.populate(start, len)?;
+        cx.host.populate(start, len)?;
+        self.reached(BatchPoint::Refaulted);
         Ok(self.write_back(cx, offset, part))
     }
 
@@ -126,9 +176,9 @@ impl Refault {
                 at: start as u64 * page,
                 len: (i - start) as u64 * page,
             };
-            cx.memory.discard(offset + part.at, part.len)?;
+            cx.host.discard(offset + part.at, part.len)?;
             self.scratch.hold(part.at, part.len, step.target);
-            cx.memory.populate(offset + part.at, part.len)?;
+            cx.host.populate(offset + part.at, part.len)?;
             intact &= self.write_back(cx, offset, part);
         }
         Ok(intact)
@@ -148,11 +198,11 @@ impl Refault {
             (Policy::Bind(original), RestoredTo::Original),
             (Policy::Default, RestoredTo::AnyNode),
         ] {
-            let _ = cx.memory.discard(offset, len);
+            let _ = cx.host.discard(offset, len);
             let attempt = cx
-                .memory
+                .host
                 .set_policy_unchecked(offset, len, &policy)
-                .and_then(|()| cx.memory.populate(offset, len));
+                .and_then(|()| cx.host.populate(offset, len));
             match attempt {
                 Ok(()) if self.write_back(cx, offset, Part { at: 0, len }) => return Ok(to),
                 Ok(()) => {
@@ -167,12 +217,12 @@ impl Refault {
     }
 }
 
-impl Mechanism for Refault {
+impl Mechanism for Refault<'_> {
     fn run(&mut self, cx: &StepContext<'_>, step: &Step) -> Result<StepReport, MigrateError> {
         let offset = cx.gmem_offset(step);
         let len = step.len;
         assert!(
-            len <= self.bounce.len() as u64,
+            len <= self.bounce().len() as u64,
             "batch larger than the bounce buffer"
         );
         let before = Placement::query(cx.map, offset, len)?;
@@ -206,9 +256,19 @@ impl Mechanism for Refault {
         // compared with it byte for byte.
         let whole = Part { at: 0, len };
         cx.map
-            .copy_to(offset as usize, &self.bounce, 0, len as usize);
+            .copy_to(offset as usize, self.bounce(), 0, len as usize);
+        if let Some(journal) = self.journal() {
+            if let Err(e) = journal.record(offset, len) {
+                // Nothing is touched yet: the guest resumes, and the migration ends here.
+                paused.resume()?;
+                self.scratch.release_all();
+                let _ = sched::set_affinity(&affinity);
+                return Err(MigrateError::Journal(e));
+            }
+            journal.reached(BatchPoint::Journalled);
+        }
         let replaced = cx
-            .memory
+            .host
             .set_policy_unchecked(offset, len, &Policy::Bind(NodeMask::single(step.target)))
             .and_then(|()| self.replace_part(cx, offset, whole, step, same_node));
         // A frame freed on one CPU can still come back when other threads allocate and free
@@ -246,6 +306,19 @@ impl Mechanism for Refault {
                 }
             },
         };
+        self.reached(BatchPoint::CopiedBack);
+        if let Some(journal) = self.journal()
+            && let Err(source) = journal.clear()
+        {
+            // The record could be restored later over what the guest writes next.
+            self.scratch.release_all();
+            std::mem::forget(paused);
+            return Err(MigrateError::JournalNotCleared {
+                offset: step.guest_offset,
+                len,
+                source,
+            });
+        }
         let stop = paused.resume()?;
         self.scratch.release_all();
         let _ = sched::set_affinity(&affinity);

@@ -13,13 +13,16 @@ use super::refault::root_cause;
 use super::report::{ContentCheck, RestoredTo, StepOutcome, StepReport};
 use super::verify;
 use super::{InjectedFailure, MigrateError};
-use crate::memory::{MemoryError, Policy, page_size};
+use crate::memory::{GuestMemory, MemoryError, Policy, page_size};
 use crate::numa::NodeMask;
 
-/// The remap mechanism.
-pub(crate) struct Remap;
+/// The remap mechanism, for memory whose memslots this process binds.
+#[derive(Clone, Copy)]
+pub(crate) struct Remap<'m> {
+    pub memory: &'m GuestMemory,
+}
 
-impl Remap {
+impl Remap<'_> {
     /// Allocates the spare chunk on the target and maps it, while the guest runs, then
     /// checks where the kernel put it.
     fn prepare(
@@ -29,7 +32,7 @@ impl Remap {
         len: u64,
         step: &Step,
     ) -> Result<(), String> {
-        let memory = cx.memory;
+        let memory = self.memory;
         let fail = |e: MemoryError| {
             format!(
                 "node {} cannot supply {} KiB: {}",
@@ -66,7 +69,7 @@ const WORKER_NICE: i32 = 10;
 /// Keeps the worker's spare supply moving: a returned spare wakes it.
 type SpareReturned = std::sync::mpsc::Sender<()>;
 
-impl Remap {
+impl Remap<'_> {
     /// Runs `steps` (whole chunks) as a two-stage pipeline on two threads: a worker
     /// allocates, maps and checks the destination of the next steps while this thread runs
     /// the current step's stop (copy, swap) and retires the old chunk. `each` gets every
@@ -77,7 +80,7 @@ impl Remap {
         steps: &[Step],
         each: &mut dyn FnMut(StepReport, u64) -> bool,
     ) -> Result<(), MigrateError> {
-        let memory = cx.memory;
+        let memory = self.memory;
         let chunk_size = memory.layout().chunk_size;
         if let Some(bad) = steps
             .iter()
@@ -94,7 +97,7 @@ impl Remap {
                 std::sync::mpsc::sync_channel::<(usize, Result<u64, String>)>(2);
             let (returned_tx, returned_rx) = std::sync::mpsc::channel::<()>();
             let worker_cx = cx.clone();
-            let worker = Remap;
+            let worker = *self;
             scope.spawn(move || {
                 // Background work: let vCPU threads have the CPU when they want it.
                 let _ = crate::sys::sched::set_current_thread_nice(WORKER_NICE);
@@ -152,7 +155,7 @@ impl Remap {
         spare: u64,
         returned: &SpareReturned,
     ) -> Result<StepReport, MigrateError> {
-        let memory = cx.memory;
+        let memory = self.memory;
         let chunk_size = memory.layout().chunk_size;
         let chunk = step.guest_offset / chunk_size;
         let old = memory.chunk_offset(chunk);

@@ -28,3 +28,18 @@ pub(crate) fn pidfd_getfd(pidfd: BorrowedFd<'_>, target_fd: i32) -> io::Result<O
     // SAFETY: `raw` is a descriptor the call above just installed here; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
 }
+
+/// Sends signal `signum` to the process behind `pidfd` (`pidfd_send_signal(2)`, Linux
+/// 5.1+): unlike kill(2), it cannot reach another process that has reused the PID.
+pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signum: i32) -> io::Result<()> {
+    // SAFETY: plain integer arguments on a pidfd we borrow for the call; a null siginfo
+    // makes the kernel fill in the same information kill(2) would; flags must be 0.
+    syscall!(syscall(
+        libc::SYS_pidfd_send_signal,
+        pidfd.as_raw_fd(),
+        signum,
+        std::ptr::null::<libc::siginfo_t>(),
+        0
+    ))?;
+    Ok(())
+}

@@ -19,3 +19,13 @@ pub fn kill_with_parent(cmd: &mut Command) -> &mut Command {
     // which is async-signal-safe and touches no memory shared with the parent.
     unsafe { cmd.pre_exec(set_parent_death_signal) }
 }
+
+/// Kills this process at once with SIGKILL (`raise(3)`): no destructor, no flush, no exit
+/// handler runs, as when an operator's `kill -9` lands. For crash-safety tests.
+pub fn kill_this_process() -> ! {
+    // SAFETY: raise has no memory-safety preconditions; SIGKILL cannot be caught, so the
+    // process ends before the call returns.
+    unsafe { libc::raise(libc::SIGKILL) };
+    // Not reached; if it were, aborting is the nearest thing.
+    std::process::abort()
+}

@@ -1,8 +1,11 @@
 //! `gmemctl migrate`: ask a running VMM (`gmemctl run`) to move its guest memory, follow the
-//! job, and print the verified result.
+//! job, and print the verified result; or, with `--pid`, move any VMM's guest memory from
+//! outside (see [`pid`]).
+
+mod pid;
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use gmem::migrate::{MechanismChoice, Verify};
@@ -33,6 +36,24 @@ enum PolicyArg {
     Follow,
 }
 
+/// How far the journal goes to make a record last.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum JournalSyncArg {
+    /// fsync the bytes and the record before each punch.
+    Fsync,
+    /// Leave them in the page cache.
+    PageCache,
+}
+
+impl From<JournalSyncArg> for gmem::foreign::JournalSync {
+    fn from(arg: JournalSyncArg) -> Self {
+        match arg {
+            JournalSyncArg::Fsync => gmem::foreign::JournalSync::Fsync,
+            JournalSyncArg::PageCache => gmem::foreign::JournalSync::PageCache,
+        }
+    }
+}
+
 /// What to verify after each step.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum VerifyArg {
@@ -46,10 +67,29 @@ enum VerifyArg {
 
 /// Options of `gmemctl migrate`.
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("vmm").required(true).args(["api_sock", "pid"])))]
 pub struct Args {
     /// The VMM's API socket (printed by `gmemctl run`).
     #[arg(long, value_name = "PATH")]
-    api_sock: PathBuf,
+    api_sock: Option<PathBuf>,
+    /// Any VMM, by its PID: gmemctl takes its guest_memfd files (pidfd_getfd; needs root)
+    /// and moves their pages itself, stopping the VMM's threads for each batch where the
+    /// kernel cannot migrate gmem folios.
+    #[arg(long, value_name = "PID")]
+    pid: Option<u32>,
+    /// With --pid: move only the guest_memfd at this descriptor of the VMM (repeatable);
+    /// by default every guest_memfd it has open.
+    #[arg(long, value_name = "FD", requires = "pid")]
+    fd: Vec<i32>,
+    /// With --pid: where each batch is journalled while the VMM's memory holds none of it,
+    /// for `gmemctl recover` if gmemctl dies.
+    #[arg(long, value_name = "DIR", default_value = gmem::foreign::DEFAULT_JOURNAL_DIR, requires = "pid")]
+    journal_dir: PathBuf,
+    /// With --pid: fsync every journal record and its bytes before the punch (survives a
+    /// host crash, which the VMM does not), or leave them in the page cache (survives
+    /// gmemctl's death, the case the journal is for; no disk flush inside the stop).
+    #[arg(long, value_enum, default_value = "fsync", requires = "pid")]
+    journal_sync: JournalSyncArg,
     /// Where memory should go.
     #[arg(long, value_enum)]
     policy: PolicyArg,
@@ -157,9 +197,20 @@ pub fn refusal(reply: &vmm::api::ApiReply) -> CliError {
     }
 }
 
-/// Submits the migration, follows it, prints the result.
-pub fn run(args: Args) -> Result<(), CliError> {
-    let client = ApiClient::new(&args.api_sock);
+/// Moves the memory: through the VMM's API, or from outside with `--pid`.
+pub fn run(kvm_device: &Path, args: Args) -> Result<(), CliError> {
+    match (&args.api_sock, args.pid) {
+        (Some(socket), _) => run_api(socket, &args),
+        (None, Some(pid)) => pid::run(kvm_device, pid, &args),
+        (None, None) => Err(CliError::InvalidArgument(
+            "give --api-sock PATH or --pid PID".into(),
+        )),
+    }
+}
+
+/// Submits the migration to the VMM's API, follows it, prints the result.
+fn run_api(socket: &Path, args: &Args) -> Result<(), CliError> {
+    let client = ApiClient::new(socket);
     let reply = client.put_json("/memory/migrate", &args.body())?;
     if reply.status != 202 {
         return Err(refusal(&reply));
@@ -167,7 +218,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let id = reply.json::<Value>()?["id"]
         .as_u64()
         .ok_or_else(|| CliError::CheckFailed("the VMM accepted the job without an id".into()))?;
-    let mut bar = ProgressBar::new(id, std::io::stderr().is_terminal());
+    let mut bar = ProgressBar::new(format!("migration {id}"));
     let job = loop {
         let reply = client.get(&format!("/memory/migrations/{id}"))?;
         if reply.status != 200 {
@@ -217,19 +268,21 @@ fn verdict(job: &Value) -> Result<(), CliError> {
 /// Progress on stderr: a bar redrawn in place on a terminal, a line per 10% otherwise.
 #[derive(Debug)]
 struct ProgressBar {
-    id: u64,
+    /// What moves, e.g. "migration 3" or "process 1234 fd 5".
+    label: String,
     terminal: bool,
     drawn: bool,
     last_decile: Option<u64>,
 }
 
 impl ProgressBar {
-    fn new(id: u64, terminal: bool) -> Self {
+    fn new(label: String) -> Self {
+        let terminal = std::io::stderr().is_terminal();
         if !terminal {
-            eprintln!("migration {id}: started");
+            eprintln!("{label}: started");
         }
         ProgressBar {
-            id,
+            label,
             terminal,
             drawn: false,
             last_decile: None,
@@ -255,8 +308,8 @@ impl ProgressBar {
             let filled = (fraction * BAR as f64).round() as usize;
             let _ = write!(
                 err,
-                "\r\x1b[Kmigration {} [{}{}] {:3.0}%  {moved}/{planned} pages  {mechanism}",
-                self.id,
+                "\r\x1b[K{} [{}{}] {:3.0}%  {moved}/{planned} pages  {mechanism}",
+                self.label,
                 "#".repeat(filled),
                 "-".repeat(BAR - filled),
                 fraction * 100.0
@@ -269,8 +322,8 @@ impl ProgressBar {
                 self.last_decile = Some(decile);
                 let _ = writeln!(
                     err,
-                    "migration {}: {:.0}% ({moved}/{planned} pages, {mechanism})",
-                    self.id,
+                    "{}: {:.0}% ({moved}/{planned} pages, {mechanism})",
+                    self.label,
                     fraction * 100.0
                 );
             }
@@ -309,30 +362,11 @@ fn per_node(counts: &Value) -> String {
 
 /// The finished job as text.
 fn render(job: &Value) -> String {
-    let request = &job["request"];
     let mut out = format!(
-        "migration {} {}: {}{}\n",
+        "migration {} {}: {}\n",
         job["id"],
         job["state"].as_str().unwrap_or("?"),
-        request["policy"].as_str().unwrap_or("?"),
-        match (request["nodes"].as_array(), request["cpus"].as_array()) {
-            (Some(nodes), _) => format!(
-                " node {}",
-                nodes
-                    .iter()
-                    .map(Value::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ),
-            (None, Some(cpus)) => format!(
-                " cpu {}",
-                cpus.iter()
-                    .map(Value::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ),
-            _ => String::new(),
-        },
+        request_text(&job["request"]),
     );
     let report = &job["report"];
     if report.is_null() {
@@ -342,7 +376,46 @@ fn render(job: &Value) -> String {
         );
         return out;
     }
-    let row = |name: &str, value: String| format!("  {name:<18} {value}\n");
+    out += &render_report(report);
+    out += &row(
+        "guest",
+        format!(
+            "{} mismatches, {} sweeps during the migration",
+            job["guest"]["mismatches"], job["guest"]["sweeps"]
+        ),
+    );
+    out += &render_outcome(report);
+    out
+}
+
+/// A request's policy and its nodes or CPUs: "bind node 0", "follow cpu 0,1".
+fn request_text(request: &Value) -> String {
+    let list = |values: &Vec<Value>| {
+        values
+            .iter()
+            .map(Value::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    format!(
+        "{}{}",
+        request["policy"].as_str().unwrap_or("?"),
+        match (request["nodes"].as_array(), request["cpus"].as_array()) {
+            (Some(nodes), _) => format!(" node {}", list(nodes)),
+            (None, Some(cpus)) => format!(" cpu {}", list(cpus)),
+            _ => String::new(),
+        }
+    )
+}
+
+/// One row of the text report.
+fn row(name: &str, value: String) -> String {
+    format!("  {name:<18} {value}\n")
+}
+
+/// A MigrationReport's mechanism, pages, throughput, checks, stops and placement, as rows.
+fn render_report(report: &Value) -> String {
+    let mut out = String::new();
     out += &row(
         "mechanism",
         format!(
@@ -381,6 +454,7 @@ fn render(job: &Value) -> String {
             report["pfns_checked"].as_u64(),
         ) {
             (Some(changed), Some(checked)) => format!("{changed} of {checked} pages checked"),
+            _ if report["steps"] == 0 => "none to check (no step ran)".into(),
             _ => "not checked (PFNs need root)".into(),
         },
     );
@@ -411,13 +485,12 @@ fn render(job: &Value) -> String {
             per_node(&report["after"])
         ),
     );
-    out += &row(
-        "guest",
-        format!(
-            "{} mismatches, {} sweeps during the migration",
-            job["guest"]["mismatches"], job["guest"]["sweeps"]
-        ),
-    );
+    out
+}
+
+/// Whether the report is complete, its failed steps and its notes, as rows.
+fn render_outcome(report: &Value) -> String {
+    let mut out = String::new();
     out += &row(
         "complete",
         if report["complete"] == true {

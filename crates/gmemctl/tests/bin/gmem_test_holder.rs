@@ -10,10 +10,18 @@
 //!
 //! Once every vCPU has reported a clean sweep it stops running them, prints one JSON line
 //! (`{"ready": ...}`) with the descriptors and what was written, and waits for stdin to
-//! close (or its parent to die) before it exits.
+//! close (or its parent to die) before it exits. Each `verify` line on stdin makes every
+//! vCPU run a verify-only pass over its run (no write first), and the guest's mismatch
+//! counts come back as one line, `{"verified": {"mismatches": N, "per_vcpu": [...]}}`: so
+//! a test can ask the guest itself whether memory moved under it is intact.
+//!
+//! With `GMEM_TEST_HOLDER_OPEN=PATH[,PATH...]` it also holds those files open (O_PATH,
+//! which needs no driver behind a device node) for as long as it runs: a stand-in for a
+//! VMM's vhost or VFIO devices.
 
 use std::io::{BufRead, Write};
 use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
 use gmem::memory::{ChunkLayout, GmemFlags, GuestMemfd, GuestMemory, page_size};
@@ -29,6 +37,10 @@ const DATA_SIZE: u64 = 8 * MIB;
 const HIDDEN_SIZE: u64 = 2 * MIB;
 /// (gmem offset, pages) of the data gmem that vCPU i writes: two runs with holes around.
 const DATA_RUNS: [(u64, u64); 2] = [(MIB, 300), (5 * MIB + 3 * 4096, 77)];
+/// Where the verify-only guest code goes: the second half of the code area.
+const VERIFY_GPA: u64 = layout::CODE_GPA + layout::CODE_MAX_BYTES / 2;
+/// The generation the one write-and-verify sweep used (the workload counts from 1).
+const WRITTEN_GENERATION: u64 = 1;
 
 fn main() {
     if let Err(e) = run() {
@@ -38,6 +50,19 @@ fn main() {
 }
 
 fn run() -> Result<(), String> {
+    let _held: Vec<std::fs::File> = match std::env::var("GMEM_TEST_HOLDER_OPEN") {
+        Ok(paths) => paths
+            .split(',')
+            .map(|path| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_PATH)
+                    .open(path)
+                    .map_err(|e| format!("opening {path}: {e}"))
+            })
+            .collect::<Result<_, _>>()?,
+        Err(_) => Vec::new(),
+    };
     let kvm = gmem::kvm::open(std::path::Path::new(gmem::kvm::DEFAULT_KVM_DEVICE))
         .map_err(|e| e.to_string())?;
     let vm = Arc::new(gmem::kvm::create_vm(&kvm).map_err(|e| e.to_string())?);
@@ -51,10 +76,12 @@ fn run() -> Result<(), String> {
     .map_err(fail("system gmem"))?;
     let mem_size = DATA_GPA + DATA_SIZE;
     let code = asm::workload(layout::CODE_GPA).map_err(|e| format!("assembling: {e}"))?;
+    let verify = asm::verify_pass(VERIFY_GPA).map_err(|e| format!("assembling: {e}"))?;
     let host_written = [
         (layout::GDT_GPA, cpu::gdt()),
         (layout::PML4_GPA, layout::page_tables(mem_size)),
         (layout::CODE_GPA, code),
+        (VERIFY_GPA, verify),
     ];
     for (gpa, bytes) in &host_written {
         system.write_guest(*gpa, bytes).map_err(fail("loading"))?;
@@ -74,9 +101,10 @@ fn run() -> Result<(), String> {
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
+    let kvm_err = |what: &'static str| move |e: kvm_ioctls::Error| format!("{what}: {e}");
+    let mut vcpus = Vec::new();
     for (index, (offset, pages)) in DATA_RUNS.iter().enumerate() {
         let index = index as u32;
-        let kvm_err = |what: &'static str| move |e: kvm_ioctls::Error| format!("{what}: {e}");
         let mut vcpu = vm
             .create_vcpu(u64::from(index))
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
@@ -91,19 +119,11 @@ fn run() -> Result<(), String> {
         }))
         .map_err(kvm_err("KVM_SET_REGS"))?;
         // One sweep: the guest writes every word of its run, verifies it, and reports.
-        loop {
-            match vcpu.run().map_err(kvm_err("KVM_RUN"))? {
-                VcpuExit::IoOut(PORT_HELLO | PORT_MISMATCH, _) => {}
-                VcpuExit::IoOut(PORT_SWEEP_DONE, data) => {
-                    let mismatches = u32::from_le_bytes(data.try_into().unwrap_or([0xff; 4]));
-                    if mismatches != 0 {
-                        return Err(format!("vCPU {index}: {mismatches} mismatches"));
-                    }
-                    break;
-                }
-                other => return Err(format!("vCPU {index}: unexpected exit {other:?}")),
-            }
+        let mismatches = run_one_sweep(&mut vcpu, index)?;
+        if mismatches != 0 {
+            return Err(format!("vCPU {index}: {mismatches} mismatches"));
         }
+        vcpus.push(vcpu);
     }
 
     let page = page_size();
@@ -142,6 +162,49 @@ fn run() -> Result<(), String> {
         .lock()
         .read_line(&mut line)
         .is_ok_and(|n| n > 0)
-    {}
+    {
+        if line.trim() == "verify" {
+            let mut per_vcpu = Vec::new();
+            for (index, (vcpu, (offset, pages))) in vcpus.iter_mut().zip(DATA_RUNS).enumerate() {
+                let index = index as u32;
+                let mut regs = cpu::entry_regs(EntryArgs {
+                    vcpu_index: index,
+                    slice_start: DATA_GPA + offset,
+                    slice_len: pages * page_size(),
+                });
+                regs.rip = VERIFY_GPA;
+                regs.rcx = WRITTEN_GENERATION;
+                vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+                per_vcpu.push(run_one_sweep(vcpu, index)?);
+            }
+            let verified = serde_json::json!({"verified": {
+                "mismatches": per_vcpu.iter().map(|&m| u64::from(m)).sum::<u64>(),
+                "per_vcpu": per_vcpu,
+            }});
+            let mut stdout = std::io::stdout().lock();
+            writeln!(stdout, "{verified}").map_err(|e| e.to_string())?;
+            stdout.flush().map_err(|e| e.to_string())?;
+        }
+        line.clear();
+    }
     Ok(())
+}
+
+/// Runs the vCPU until its guest reports the end of a sweep; returns the mismatch count.
+fn run_one_sweep(vcpu: &mut kvm_ioctls::VcpuFd, index: u32) -> Result<u32, String> {
+    loop {
+        let exit = match vcpu.run() {
+            Ok(exit) => exit,
+            // A stop and continue (gmemctl migrate --pid) interrupts KVM_RUN: run on.
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) => return Err(format!("vCPU {index}: KVM_RUN: {e}")),
+        };
+        match exit {
+            VcpuExit::IoOut(PORT_HELLO | PORT_MISMATCH, _) => {}
+            VcpuExit::IoOut(PORT_SWEEP_DONE, data) => {
+                return Ok(u32::from_le_bytes(data.try_into().unwrap_or([0xff; 4])));
+            }
+            other => return Err(format!("vCPU {index}: unexpected exit {other:?}")),
+        }
+    }
 }

@@ -1,11 +1,12 @@
 //! Helpers the gmemctl end-to-end tests share: run the binary, read its output, judge a user
-//! error, run a VM (`gmemctl run`) as a child process. Each test binary uses a subset, hence
-//! the allowance below.
+//! error, run a VM (`gmemctl run`) or the test VMM (gmem-test-holder) as a child process,
+//! and look at a VMM's guest memory from outside. Each test binary uses a subset, hence the
+//! allowance below.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -145,4 +146,145 @@ impl Drop for RunningVm {
             let _ = self.child.wait();
         }
     }
+}
+
+/// The test VMM of tests/bin/gmem_test_holder.rs, running until dropped.
+pub struct Holder {
+    pub child: Child,
+    /// Held open: the holder exits when it closes.
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    /// What it reported once its guest had written its pages.
+    pub ready: Value,
+}
+
+impl Holder {
+    pub fn start() -> Holder {
+        Self::start_with(&[])
+    }
+
+    /// Starts it with extra environment variables.
+    pub fn start_with(env: &[(&str, &str)]) -> Holder {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gmem-test-holder"))
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("gmem-test-holder starts");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let report: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+            let status = child.wait();
+            panic!("gmem-test-holder did not get ready ({e}, {status:?}): {line:?}")
+        });
+        Holder {
+            stdin: child.stdin.take(),
+            stdout,
+            ready: report["ready"].clone(),
+            child,
+        }
+    }
+
+    pub fn pid(&self) -> String {
+        self.ready["pid"].to_string()
+    }
+
+    /// Asks the holder's guest to verify every word it wrote (a verify-only pass on each
+    /// vCPU); returns the mismatches the guest counted.
+    pub fn guest_mismatches(&mut self) -> u64 {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().unwrap();
+        writeln!(stdin, "verify").unwrap();
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        let answer: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("gmem-test-holder answered {line:?} ({e})"));
+        answer["verified"]["mismatches"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no mismatch count in {answer}"))
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        if self.child.wait().is_err() {
+            let _ = self.child.kill();
+        }
+    }
+}
+
+/// One page of a guest_memfd, as seen from outside the VMM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageSeen {
+    /// Its page frame number.
+    pub pfn: u64,
+    /// Its bytes, if they were asked for.
+    pub bytes: Option<Vec<u8>>,
+}
+
+/// Every page of each host-mappable guest_memfd of a VMM, by inode: `None` where no page
+/// is resident.
+pub type View = std::collections::BTreeMap<u64, Vec<Option<PageSeen>>>;
+
+/// The [`View`] of process `pid` now, with the pages' bytes if `with_bytes`. Taken with
+/// pidfd_getfd and this process's own mapping, and let go (the descriptors closed, the
+/// mappings gone) before it returns, so that no other process holds the VMM's memory
+/// afterwards.
+pub fn outside_view(
+    pid: u32,
+    with_bytes: bool,
+) -> std::collections::BTreeMap<u64, Vec<Option<PageSeen>>> {
+    use gmem::memory::{AttachedGmem, page_size};
+    let page = page_size() as usize;
+    let pagemap = gmem::numa::Pagemap::open_self().unwrap();
+    let mut view = std::collections::BTreeMap::new();
+    for gmem in AttachedGmem::attach_all(pid, None).unwrap() {
+        let Ok(mapped) = gmem.mapped() else { continue };
+        let map = mapped.mapping().unwrap();
+        let resident = map.resident_pages(0, map.len()).unwrap();
+        // Map the resident pages here (this allocates nothing), so pagemap shows frames.
+        for (index, _) in resident.iter().enumerate().filter(|(_, r)| **r) {
+            map.populate_read(index * page, page).unwrap();
+        }
+        let pfns = pagemap.pfns(map.addr() as u64, resident.len()).unwrap();
+        let pages = resident
+            .iter()
+            .zip(pfns)
+            .enumerate()
+            .map(|(index, (&resident, pfn))| {
+                resident.then(|| PageSeen {
+                    pfn: pfn.expect("a resident page just mapped has a frame"),
+                    bytes: with_bytes.then(|| {
+                        let mut bytes = vec![0u8; page];
+                        map.read(index * page, &mut bytes);
+                        bytes
+                    }),
+                })
+            })
+            .collect();
+        view.insert(gmem.inode(), pages);
+    }
+    view
+}
+
+/// The scheduler state letters of every thread of process `pid`.
+pub fn thread_states(pid: u32) -> Vec<char> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|entry| std::fs::read_to_string(entry.unwrap().path().join("stat")).ok())
+        .filter_map(|stat| {
+            let after = &stat[stat.rfind(')')? + 1..];
+            after.split_whitespace().next()?.chars().next()
+        })
+        .collect()
+}
+
+/// Whether every thread of process `pid` is stopped by a signal.
+pub fn is_stopped(pid: u32) -> bool {
+    let states = thread_states(pid);
+    !states.is_empty() && states.iter().all(|&s| s == 'T')
 }

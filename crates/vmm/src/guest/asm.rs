@@ -6,7 +6,8 @@
 
 use iced_x86::IcedError;
 use iced_x86::code_asm::{
-    CodeAssembler, eax, ebp, edi, r8, r9, r10, r11, r12, r12d, r13, r14, r15, rax, rbx, rdx, rsi,
+    CodeAssembler, eax, ebp, edi, r8, r9, r10, r11, r12, r12d, r13, r14, r15, rax, rbx, rcx, rdx,
+    rsi,
 };
 use iced_x86::code_asm::{ptr, qword_ptr};
 
@@ -79,6 +80,45 @@ pub fn workload(base: u64) -> Result<Vec<u8>, IcedError> {
     a.mov(r10, qword_ptr(rbx))?;
     a.mov(eax, ebp)?;
     a.out(u32::from(PORT_MISMATCH), eax)?;
+    a.jmp(verify_next)?;
+
+    a.assemble(base)
+}
+
+/// Machine code that only verifies: one pass over the slice, comparing every word with
+/// its pattern of generation RCX (as [`workload`]'s sweep RCX wrote it), then one
+/// [`PORT_SWEEP_DONE`] report with the mismatch count, then a spin the VMM never returns
+/// to. Entered with the registers of [`EntryArgs`](super::abi::EntryArgs) plus RCX; a VMM
+/// uses it to ask its guest whether memory it did not write in the meantime is intact.
+pub fn verify_pass(base: u64) -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    let mut verify_loop = a.create_label();
+    let mut verify_next = a.create_label();
+    let mut mismatch = a.create_label();
+    let mut done = a.create_label();
+
+    a.mov(r13, rsi)?;
+    a.lea(r14, ptr(rsi + rdx))?;
+    a.mov(r11, GENERATION_MULTIPLIER)?;
+    a.imul_2(r11, rcx)?;
+    a.xor(ebp, ebp)?;
+    a.mov(rbx, r13)?;
+    a.set_label(&mut verify_loop)?;
+    a.mov(rax, rbx)?;
+    a.xor(rax, r11)?;
+    a.cmp(qword_ptr(rbx), rax)?;
+    a.jne(mismatch)?;
+    a.set_label(&mut verify_next)?;
+    a.add(rbx, 8)?;
+    a.cmp(rbx, r14)?;
+    a.jb(verify_loop)?;
+    a.mov(eax, ebp)?;
+    a.out(u32::from(PORT_SWEEP_DONE), eax)?;
+    a.set_label(&mut done)?;
+    a.jmp(done)?;
+
+    a.set_label(&mut mismatch)?;
+    a.inc(ebp)?;
     a.jmp(verify_next)?;
 
     a.assemble(base)

@@ -6,7 +6,7 @@
 //! of the VMM cannot do: it counts only pages mapped in the VMM's own page tables.
 
 mod error;
-mod procfs;
+pub(crate) mod procfs;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -110,6 +110,7 @@ pub enum Residency {
 pub struct AttachedGmem {
     pid: u32,
     fds: Vec<i32>,
+    dev: u64,
     inode: u64,
     flags: LearnedFlags,
     /// The mapping is present exactly when mmap worked; reading through it is safe only
@@ -185,6 +186,7 @@ impl AttachedGmem {
                     pid,
                     fds,
                     size: meta.size(),
+                    dev: meta.dev(),
                     inode: meta.ino(),
                     vmm_mappings: vmm_mappings(&maps, numa_maps.as_ref(), meta.dev(), meta.ino()),
                 };
@@ -206,6 +208,11 @@ impl AttachedGmem {
     /// The gmem's inode number (as /proc/PID/maps shows it).
     pub fn inode(&self) -> u64 {
         self.inode
+    }
+
+    /// The device of the gmem's file system (`st_dev`): with the inode, it names the file.
+    pub fn dev(&self) -> u64 {
+        self.dev
     }
 
     /// Size in bytes.
@@ -290,6 +297,7 @@ struct Found {
     pid: u32,
     fds: Vec<i32>,
     size: u64,
+    dev: u64,
     inode: u64,
     vmm_mappings: Vec<VmmMapping>,
 }
@@ -322,6 +330,7 @@ impl Found {
         Ok(AttachedGmem {
             pid: self.pid,
             fds: self.fds,
+            dev: self.dev,
             inode: self.inode,
             flags,
             host: MappedGmem::new(GuestMemfd::from_attached(fd, self.size, flags.set), map),
@@ -339,6 +348,16 @@ impl LearnedFlags {
             self.set = self.set | flag;
         }
     }
+}
+
+/// Takes descriptor `fd` of process `pid` if it is a guest_memfd there, as a file of this
+/// process (for recovery, which knows the descriptor from its journal).
+pub(crate) fn take_gmem_file(pid: u32, fd: i32) -> Result<Option<File>, AttachError> {
+    let pidfd = pidfd::pidfd_open(pid).map_err(|source| match source.raw_os_error() {
+        Some(libc::ESRCH) => AttachError::NoSuchProcess { pid },
+        _ => AttachError::PidfdOpen { pid, source },
+    })?;
+    Ok(take_fd(pid, pidfd.as_fd(), fd)?.map(File::from))
 }
 
 /// Takes descriptor `fd` of the process behind `pidfd`; `None` if it is no longer a gmem

@@ -1,0 +1,145 @@
+//! `MovableMemory`: what the engine needs of guest memory, whoever owns it — a gmem with this
+//! process's mapping of it, the layout of guest RAM over it, and a VM for scratch gmem.
+
+use std::sync::Arc;
+
+use kvm_ioctls::VmFd;
+
+use crate::memory::{
+    AttachedGmem, ChunkLayout, GmemFlags, GuestMemory, MappedGmem, MemoryError, Placement,
+    page_size,
+};
+
+/// Guest memory the [`Migrator`](super::Migrator) can move. Owned memory
+/// ([`GuestMemory`]) and memory taken from another process ([`ForeignMemory`]) implement
+/// it, so both go through the same planner, mechanisms, verification and report.
+pub trait MovableMemory: Sync {
+    /// The gmem and this process's mapping of it, through which every range operation
+    /// (policy, punch, refault, placement) is made. `Err` for memory the engine must not
+    /// touch at all.
+    fn host(&self) -> Result<&MappedGmem, MemoryError>;
+
+    /// How guest RAM is cut into chunks over the gmem.
+    fn layout(&self) -> ChunkLayout;
+
+    /// The gmem offset that backs guest chunk `chunk`.
+    fn chunk_offset(&self, chunk: u64) -> u64;
+
+    /// A VM of this process, in which the engine creates scratch gmem (refault's
+    /// reservations, the native probe).
+    fn scratch_vm(&self) -> &Arc<VmFd>;
+
+    /// Whether the gmem was created MIGRATABLE: `Some` where the flags are known, `None`
+    /// where they cannot be told from outside.
+    fn migratable(&self) -> Option<bool>;
+
+    /// The owned memory, whose memslots this process can rebind (the remap mechanism and
+    /// confidential memory need that); `None` for memory another process binds.
+    fn remappable(&self) -> Option<&GuestMemory> {
+        None
+    }
+
+    /// gmem offsets of all guest chunks, in guest order.
+    fn chunk_offsets(&self) -> Vec<u64> {
+        (0..self.layout().chunks())
+            .map(|chunk| self.chunk_offset(chunk))
+            .collect()
+    }
+
+    /// Where each page of guest RAM is, in guest-physical order (follows remapped chunks).
+    fn guest_placement(&self) -> Result<Placement, MemoryError> {
+        let page = page_size();
+        let chunk_size = self.layout().chunk_size;
+        let map = self.host()?.mapping()?;
+        let offsets = self.chunk_offsets();
+        for &offset in &offsets {
+            crate::memory::map_resident(map, offset, chunk_size)?;
+        }
+        let addrs: Vec<usize> = offsets
+            .iter()
+            .flat_map(|&off| (0..chunk_size / page).map(move |p| off + p * page))
+            .map(|off| map.addr() + off as usize)
+            .collect();
+        Placement::query_addrs(0, &addrs, page)
+    }
+}
+
+impl MovableMemory for GuestMemory {
+    fn host(&self) -> Result<&MappedGmem, MemoryError> {
+        Ok(self.mapped())
+    }
+
+    fn layout(&self) -> ChunkLayout {
+        *GuestMemory::layout(self)
+    }
+
+    fn chunk_offset(&self, chunk: u64) -> u64 {
+        GuestMemory::chunk_offset(self, chunk)
+    }
+
+    fn chunk_offsets(&self) -> Vec<u64> {
+        GuestMemory::chunk_offsets(self)
+    }
+
+    fn scratch_vm(&self) -> &Arc<VmFd> {
+        self.vm()
+    }
+
+    fn migratable(&self) -> Option<bool> {
+        Some(self.gmem().flags().contains(GmemFlags::MIGRATABLE))
+    }
+
+    fn remappable(&self) -> Option<&GuestMemory> {
+        Some(self)
+    }
+}
+
+/// Another process's gmem, as the engine moves it: the whole file as one chunk (its
+/// memslots are not visible from outside, and guest order does not matter for placement),
+/// and a VM of this process for the scratch gmem the mechanisms need.
+#[derive(Debug)]
+pub struct ForeignMemory<'a> {
+    gmem: &'a AttachedGmem,
+    scratch_vm: Arc<VmFd>,
+}
+
+impl<'a> ForeignMemory<'a> {
+    /// `gmem`, moved with scratch gmem created in `scratch_vm` (a VM of this process).
+    pub fn new(gmem: &'a AttachedGmem, scratch_vm: Arc<VmFd>) -> Self {
+        ForeignMemory { gmem, scratch_vm }
+    }
+
+    /// The attached gmem.
+    pub fn gmem(&self) -> &AttachedGmem {
+        self.gmem
+    }
+}
+
+impl MovableMemory for ForeignMemory<'_> {
+    fn host(&self) -> Result<&MappedGmem, MemoryError> {
+        self.gmem.mapped()
+    }
+
+    fn layout(&self) -> ChunkLayout {
+        self.gmem.layout()
+    }
+
+    fn chunk_offset(&self, _chunk: u64) -> u64 {
+        0
+    }
+
+    fn scratch_vm(&self) -> &Arc<VmFd> {
+        &self.scratch_vm
+    }
+
+    fn migratable(&self) -> Option<bool> {
+        let flags = self.gmem.flags();
+        if flags.set.contains(GmemFlags::MIGRATABLE) {
+            Some(true)
+        } else if flags.unknown.contains(GmemFlags::MIGRATABLE) {
+            None
+        } else {
+            Some(false)
+        }
+    }
+}
