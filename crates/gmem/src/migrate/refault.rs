@@ -319,6 +319,12 @@ impl Mechanism for Refault<'_> {
                 source,
             });
         }
+        if matches!(outcome, StepOutcome::Moved) {
+            // As remap does: the guest resumes with the new frames already in its stage-2
+            // tables, instead of faulting each page back in.
+            cx.quiesce
+                .prefault(cx.memory.layout().base_gpa + step.guest_offset, len);
+        }
         let stop = paused.resume()?;
         self.scratch.release_all();
         let _ = sched::set_affinity(&affinity);
