@@ -337,3 +337,90 @@ fn migrate_pid_freezes_a_vmm_that_has_a_cgroup_of_its_own() {
     assert_eq!(holder.guest_mismatches(), 0);
     drop(cgroup);
 }
+
+#[test]
+fn migrate_pid_native_needs_no_stop_and_says_when_the_kernel_refuses() {
+    if kvm_or_skip("migrate_pid_native_needs_no_stop_and_says_when_the_kernel_refuses").is_none() {
+        return;
+    }
+    let mut holder = Holder::start();
+    let pid = holder.pid();
+    let data = holder.ready["data"]["fd"].to_string();
+    let before = outside_view(pid.parse().unwrap(), true);
+    let nodes: Vec<u32> = gmem::numa::Topology::read()
+        .unwrap()
+        .memory_nodes()
+        .iter()
+        .map(|n| n.0)
+        .collect();
+    let native = |node: u32| {
+        gmemctl(&[
+            "migrate",
+            "--pid",
+            &pid,
+            "--fd",
+            &data,
+            "--policy",
+            "bind",
+            "--nodes",
+            &node.to_string(),
+            "--mechanism",
+            "native",
+            "--verify",
+            "placement",
+            "--json",
+        ])
+    };
+    // Everything is on the first node already: native has nothing to move, and without
+    // content hashes it never stops the VMM.
+    let out = native(nodes[0]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = &json(&out)["guest_memfds"][0]["report"];
+    assert_eq!(report["mechanism"], "native");
+    assert_eq!(report["stops"]["count"], 0, "{report:#}");
+    match nodes[..] {
+        [_, other, ..] => {
+            // Two nodes: the kernel moves the folios, with no stop at all, or is caught
+            // refusing them (stock kernels; gmem without our MIGRATABLE flag).
+            let out = native(other);
+            if out.status.success() {
+                let report = &json(&out)["guest_memfds"][0]["report"];
+                assert_eq!(report["complete"], true, "{report:#}");
+                assert_eq!(report["stops"]["count"], 0, "{report:#}");
+            } else {
+                common::assert_user_error(&out, "kernel does not migrate gmem folios");
+                assert!(stderr(&out).contains("unmoved"), "{}", stderr(&out));
+            }
+            // Whatever native did, auto gets it there: natively, or by refault.
+            let out = gmemctl(&[
+                "migrate",
+                "--pid",
+                &pid,
+                "--fd",
+                &data,
+                "--policy",
+                "bind",
+                "--nodes",
+                &nodes[0].to_string(),
+                "--json",
+            ]);
+            assert!(out.status.success(), "{}", stderr(&out));
+            assert_eq!(json(&out)["complete"], true);
+        }
+        _ => eprintln!(
+            "NOTE migrate_pid_native: one NUMA node here, so the kernel's refusal (or its move) \
+             across nodes is not tried; the lab covers it"
+        ),
+    }
+    let after = outside_view(pid.parse().unwrap(), true);
+    for (inode, pages) in &before {
+        for (index, (was, now)) in pages.iter().zip(&after[inode]).enumerate() {
+            assert_eq!(
+                was.as_ref().map(|p| &p.bytes),
+                now.as_ref().map(|p| &p.bytes),
+                "inode {inode} page {index}"
+            );
+        }
+    }
+    assert_eq!(holder.guest_mismatches(), 0);
+}
