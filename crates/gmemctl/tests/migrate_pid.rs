@@ -3,7 +3,6 @@
 //! outside the process, the guest counts no mismatch and keeps running, a VMM found stopped
 //! is left stopped, and one in a cgroup of its own is frozen rather than signalled.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -13,7 +12,9 @@ use vmm::api::ApiClient;
 
 mod common;
 
-use common::{Holder, RunningVm, TempDir, View, gmemctl, is_stopped, json, outside_view, stderr};
+use common::{
+    Holder, OwnCgroup, RunningVm, TempDir, View, gmemctl, is_stopped, json, outside_view, stderr,
+};
 
 fn resident(view: &View) -> usize {
     view.values().flatten().filter(|p| p.is_some()).count()
@@ -250,53 +251,6 @@ fn migrate_pid_leaves_a_vmm_that_was_stopped_stopped() {
     assert_guest_clean_and_running(&sock);
     let (code, err) = vm.terminate();
     assert_eq!(code, Some(0), "{err}");
-}
-
-/// A cgroup v2 directory for one test, removed (after its processes move back to the
-/// parent) on drop.
-struct OwnCgroup {
-    path: PathBuf,
-    parent: PathBuf,
-}
-
-impl OwnCgroup {
-    /// A new cgroup holding process `pid`, or `None` (with the reason) where this host
-    /// cannot give one.
-    fn for_process(pid: u32, name: &str) -> Result<OwnCgroup, String> {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let mount = mountinfo
-            .lines()
-            .find_map(|line| {
-                let (mount, fs) = line.split_once(" - ")?;
-                (fs.split_whitespace().next()? == "cgroup2")
-                    .then(|| mount.split_whitespace().nth(4))?
-            })
-            .ok_or("no cgroup v2 hierarchy is mounted")?;
-        let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-        let own = own
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .ok_or("the process is in no cgroup v2")?;
-        let parent = PathBuf::from(mount).join(own.trim_start_matches('/'));
-        let path = parent.join(format!("{name}-{}", std::process::id()));
-        std::fs::create_dir(&path).map_err(|e| format!("mkdir {}: {e}", path.display()))?;
-        let cgroup = OwnCgroup { path, parent };
-        std::fs::write(cgroup.path.join("cgroup.procs"), pid.to_string())
-            .map_err(|e| format!("moving {pid} into {}: {e}", cgroup.path.display()))?;
-        Ok(cgroup)
-    }
-}
-
-impl Drop for OwnCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.path.join("cgroup.freeze"), "0");
-        if let Ok(procs) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
-            for pid in procs.lines() {
-                let _ = std::fs::write(self.parent.join("cgroup.procs"), pid);
-            }
-        }
-        let _ = std::fs::remove_dir(&self.path);
-    }
 }
 
 #[test]
