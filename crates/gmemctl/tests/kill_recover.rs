@@ -15,7 +15,9 @@ use vmm::api::ApiClient;
 
 mod common;
 
-use common::{Holder, RunningVm, TempDir, View, gmemctl, is_stopped, json, outside_view, stderr};
+use common::{
+    Holder, OwnCgroup, RunningVm, TempDir, View, gmemctl, is_stopped, json, outside_view, stderr,
+};
 
 /// `gmemctl migrate --pid PID` relocating in place, journalled in `dir`, with the kill hook
 /// at `kill_at` (if any).
@@ -224,4 +226,48 @@ fn recovery_of_a_vmm_that_died_meanwhile_only_removes_its_journal() {
     let out = gmemctl(&["recover", "--journal-dir", dir.0.to_str().unwrap()]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to recover"));
+}
+
+#[test]
+fn a_frozen_vmm_stays_frozen_after_a_kill_and_recovery_thaws_it() {
+    if kvm_or_skip("a_frozen_vmm_stays_frozen_after_a_kill").is_none() {
+        return;
+    }
+    let mut holder = Holder::start();
+    let pid: u32 = holder.pid().parse().unwrap();
+    let cgroup = match OwnCgroup::for_process(pid, "gmemctl-kill-freezer") {
+        Ok(cgroup) => cgroup,
+        Err(reason) => {
+            eprintln!("SKIP a_frozen_vmm_stays_frozen_after_a_kill: {reason}");
+            return;
+        }
+    };
+    let frozen = || {
+        std::fs::read_to_string(cgroup.path.join("cgroup.events"))
+            .unwrap()
+            .contains("frozen 1")
+    };
+    let dir = TempDir::new("kill-freezer");
+    let before = outside_view(pid, true);
+    let data = holder.ready["data"]["fd"].to_string();
+    let out = migrate(pid, &dir.0, Some("after-punch"), &["--fd", &data]);
+    assert_eq!(out.status.signal(), Some(libc::SIGKILL), "{}", stderr(&out));
+    assert!(frozen(), "the VMM's cgroup was thawed with a batch out");
+    // A SIGCONT from anyone cannot end a freeze.
+    assert!(
+        Command::new("kill")
+            .args(["-CONT", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(frozen());
+
+    let out = gmemctl(&["recover", "--journal-dir", dir.0.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!frozen(), "recover left the cgroup frozen");
+    assert_eq!(differences(&before, &outside_view(pid, true)), (0, 0));
+    assert_eq!(holder.guest_mismatches(), 0);
+    drop(cgroup);
 }

@@ -19,7 +19,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 /// First pause between two looks at the threads; doubled up to [`MAX_POLL`]. Spinning
 /// would take the CPU from the very threads that must run to reach their stop.
 const FIRST_POLL: Duration = Duration::from_micros(10);
-const MAX_POLL: Duration = Duration::from_millis(1);
+const MAX_POLL: Duration = Duration::from_micros(100);
 
 /// How the process is stopped.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -473,6 +473,17 @@ impl<'a> Migrator<'a> {
         notes: Vec<String>,
     ) -> MigrationReport {
         let elapsed = started.elapsed();
+        let mut notes = notes;
+        let over = stops.iter().filter(|&&s| s > request.max_stop).count();
+        if over > 0 {
+            let shortest = stops.iter().min().copied().unwrap_or_default();
+            notes.push(format!(
+                "{over} of {} stops were longer than the {} us budget (the shortest took {} us)",
+                stops.len(),
+                request.max_stop.as_micros(),
+                shortest.as_micros()
+            ));
+        }
         let pages_moved: u64 = reports.iter().map(|r| r.pages_moved).sum();
         let bytes_moved = pages_moved * page_size();
         let sum = |f: fn(&StepReport) -> Option<u64>| -> Option<u64> {

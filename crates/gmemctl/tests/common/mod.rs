@@ -288,3 +288,49 @@ pub fn is_stopped(pid: u32) -> bool {
     let states = thread_states(pid);
     !states.is_empty() && states.iter().all(|&s| s == 'T')
 }
+
+/// A cgroup v2 directory for one test, removed (after its processes move back to the
+/// parent) on drop.
+pub struct OwnCgroup {
+    pub path: PathBuf,
+    parent: PathBuf,
+}
+
+impl OwnCgroup {
+    /// A new cgroup holding process `pid`, or the reason this host cannot give one.
+    pub fn for_process(pid: u32, name: &str) -> Result<OwnCgroup, String> {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let mount = mountinfo
+            .lines()
+            .find_map(|line| {
+                let (mount, fs) = line.split_once(" - ")?;
+                (fs.split_whitespace().next()? == "cgroup2")
+                    .then(|| mount.split_whitespace().nth(4))?
+            })
+            .ok_or("no cgroup v2 hierarchy is mounted")?;
+        let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        let own = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .ok_or("the process is in no cgroup v2")?;
+        let parent = PathBuf::from(mount).join(own.trim_start_matches('/'));
+        let path = parent.join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir(&path).map_err(|e| format!("mkdir {}: {e}", path.display()))?;
+        let cgroup = OwnCgroup { path, parent };
+        std::fs::write(cgroup.path.join("cgroup.procs"), pid.to_string())
+            .map_err(|e| format!("moving {pid} into {}: {e}", cgroup.path.display()))?;
+        Ok(cgroup)
+    }
+}
+
+impl Drop for OwnCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path.join("cgroup.freeze"), "0");
+        if let Ok(procs) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
+            for pid in procs.lines() {
+                let _ = std::fs::write(self.parent.join("cgroup.procs"), pid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
