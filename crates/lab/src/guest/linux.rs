@@ -665,11 +665,7 @@ pub fn linux_guest_reboot() -> Result<Verdict, GuestError> {
         "problems": problems,
     });
     if !problems.is_empty() {
-        detail["console_tail"] = json!(last_lines(&console, TAIL_LINES));
-        detail["vmm_log_tail"] = json!(last_lines(&vmm_log, TAIL_LINES));
-        if let Ok(trace) = &trace {
-            detail["kvm_trace_tail"] = json!(trace.stop_and_tail(TRACE_LINES));
-        }
+        keep_failure_tails(&mut detail, &console, &vmm_log, &trace);
     }
     Ok(verdict(&problems, detail))
 }
@@ -794,13 +790,32 @@ pub fn linux_guest(
         "problems": problems,
     });
     if !problems.is_empty() {
-        detail["console_tail"] = json!(last_lines(&console, TAIL_LINES));
-        detail["vmm_log_tail"] = json!(last_lines(&vmm_log, TAIL_LINES));
-        if let Ok(trace) = &trace {
-            detail["kvm_trace_tail"] = json!(trace.stop_and_tail(TRACE_LINES));
-        }
+        keep_failure_tails(&mut detail, &console, &vmm_log, &trace);
     }
     Ok(verdict(&problems, detail))
+}
+
+/// What a failed Linux-guest test keeps of the guest's console, of gmemctl run's output and,
+/// when it was recorded, of KVM's trace.
+fn keep_failure_tails(
+    detail: &mut Value,
+    console: &str,
+    vmm_log: &str,
+    trace: &Result<KvmTrace, String>,
+) {
+    detail["console_tail"] = json!(last_lines(console, TAIL_LINES));
+    detail["vmm_log_tail"] = json!(last_lines(vmm_log, TAIL_LINES));
+    if let Ok(trace) = trace {
+        detail["kvm_trace_tail"] = json!(trace.stop_and_tail(TRACE_LINES));
+    }
+}
+
+/// gmemctl run's lines that report the guest's reset or crash.
+fn reset_lines(vmm_log: &str) -> Vec<&str> {
+    vmm_log
+        .lines()
+        .filter(|l| l.contains("reset") || l.contains("crashed"))
+        .collect()
 }
 
 /// The lab kernel's tracefs.
@@ -980,10 +995,7 @@ pub fn linux_guest_churn(mechanisms: &[&'static str], traced: bool) -> Result<Ve
         ));
     }
     let vmm_log = fs::read_to_string(VMM_LOG).unwrap_or_default();
-    let resets: Vec<&str> = vmm_log
-        .lines()
-        .filter(|l| l.contains("reset") || l.contains("crashed"))
-        .collect();
+    let resets = reset_lines(&vmm_log);
     if !resets.is_empty() {
         problems.push(format!("the guest reset: {resets:?}"));
     }
@@ -1001,11 +1013,7 @@ pub fn linux_guest_churn(mechanisms: &[&'static str], traced: bool) -> Result<Ve
         "problems": problems,
     });
     if !problems.is_empty() {
-        detail["console_tail"] = json!(last_lines(&console, TAIL_LINES));
-        detail["vmm_log_tail"] = json!(last_lines(&vmm_log, TAIL_LINES));
-        if let Ok(trace) = &trace {
-            detail["kvm_trace_tail"] = json!(trace.stop_and_tail(TRACE_LINES));
-        }
+        keep_failure_tails(&mut detail, &console, &vmm_log, &trace);
     }
     Ok(verdict(&problems, detail))
 }
@@ -1053,10 +1061,7 @@ pub fn linux_guest_reboots() -> Result<Verdict, GuestError> {
         let _ = vmm.terminate();
         drop(vmm);
         let vmm_log = fs::read_to_string(VMM_LOG).unwrap_or_default();
-        let reset: Vec<&str> = vmm_log
-            .lines()
-            .filter(|l| l.contains("reset") || l.contains("crashed"))
-            .collect();
+        let reset = reset_lines(&vmm_log);
         let failed = !mine.is_empty() || !reset.is_empty();
         println!(
             "{ECHO_PREFIX}linux-guest-reboots: round {} of {REBOOT_ROUNDS}: {} moves, {}",
