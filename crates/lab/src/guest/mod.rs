@@ -76,15 +76,6 @@ pub const BUILTIN: &[TestInfo] = &[
                 no OOM kill",
     },
     TestInfo {
-        name: "linux-guest",
-        about: "`gmemctl run --kernel` boots the lab's Debian kernel (a bzImage) as a 256 \
-                MiB guest on nested KVM that brings up both its vCPUs from the VMM's ACPI \
-                tables, whose /init (gmem-lab memcheck) writes and verifies 64 \
-                MiB sweep after sweep; all its memory moves to node 1 and back with remap \
-                (complete, content-checked, every resident page on the target, 2 sweeps after \
-                each move), 0 mismatches, gmemctl run exits 0 on SIGTERM",
-    },
-    TestInfo {
         name: "linux-guest-reboot",
         about: "the same nested guest's checker stops after 2 sweeps and reboots (reboot=k, \
                 the i8042 reset line): `gmemctl run` sees the reset and exits 0 by itself, \
@@ -97,6 +88,11 @@ pub const BUILTIN: &[TestInfo] = &[
 /// pass and exit 0; otherwise exit 0 passes, 4 skips (the kselftest convention), others fail.
 pub const EXEC_PREFIX: &str = "exec:";
 
+/// `linux-guest`: the Linux guest (2 vCPUs) moved to node 1 and back with remap. Not in the
+/// default list while issue 14 is open: under the lab's QEMU 7.2 TCG the nested guest
+/// triple-faults now and then, at boot and during moves (a bogus #PF on an instruction fetch,
+/// see lab/README), which fails about one lab run in three.
+const LINUX_GUEST: &str = "linux-guest";
 /// `linux-guest-churn`: the Linux guest moved back and forth 20 times with remap, then 20
 /// times with refault. Not in the default list while issue 14 is open: it fails about one run
 /// in four (a triple fault of the guest during a move), which would turn every CI red.
@@ -115,6 +111,7 @@ pub fn default_tests() -> Vec<String> {
 /// Whether the agent knows how to run `name`.
 pub fn is_known(name: &str) -> bool {
     BUILTIN.iter().any(|t| t.name == name)
+        || name == LINUX_GUEST
         || name == CHURN
         || name == CHURN_TRACED
         || name == REBOOTS
@@ -141,7 +138,7 @@ fn dispatch(name: &str) -> Result<Verdict, GuestError> {
         "gmemctl-selftest" => gmemctl::gmemctl_selftest(),
         "gmemctl-demo" => gmemctl::gmemctl_demo(),
         "full-node" => full_node::full_node(),
-        "linux-guest" => linux::linux_guest("remap", 2, linux::CpuTables::Acpi),
+        LINUX_GUEST => linux::linux_guest("remap", 2, linux::CpuTables::Acpi),
         "linux-guest-reboot" => linux::linux_guest_reboot(),
         CHURN => linux::linux_guest_churn(&["remap", "refault"], false),
         CHURN_TRACED => linux::linux_guest_churn(&["remap", "refault"], true),
