@@ -137,6 +137,39 @@ pub(super) fn kernel_warnings() -> Vec<String> {
         .collect()
 }
 
+/// What a selftest run did: its exit, its output, and what the kernel said and counted
+/// meanwhile.
+pub(super) struct MeasuredRun {
+    pub(super) exit: Option<i32>,
+    pub(super) signal: Option<i32>,
+    pub(super) out: String,
+    /// Kernel warnings that appeared during the run.
+    pub(super) new_warnings: Vec<String>,
+    /// Growth of /proc/vmstat's pgmigrate_success and pgmigrate_fail.
+    pub(super) migrated: (u64, u64),
+}
+
+/// Runs a selftest binary with [`run_echoed`], noting the kernel warnings and the
+/// pgmigrate counters before and after.
+pub(super) fn run_measured(program: &str) -> Result<MeasuredRun, GuestError> {
+    let warnings_before = kernel_warnings().len();
+    let before = vmstat();
+    let (exit, signal, out) = run_echoed(program, &[])?;
+    let after = vmstat();
+    let new_warnings = kernel_warnings()
+        .into_iter()
+        .skip(warnings_before)
+        .collect();
+    let delta = |name| counter(&after, name).saturating_sub(counter(&before, name));
+    Ok(MeasuredRun {
+        exit,
+        signal,
+        out,
+        new_warnings,
+        migrated: (delta("pgmigrate_success"), delta("pgmigrate_fail")),
+    })
+}
+
 /// Runs `program args` and echoes its output on the console as it comes (`  | ...`).
 /// Returns (exit code, signal, stdout+stderr).
 pub(super) fn run_echoed(
@@ -187,16 +220,13 @@ pub fn kernel_selftest() -> Result<Verdict, GuestError> {
              (is this the patched kernel?)"
         ));
     }
-    let warnings_before = kernel_warnings().len();
-    let before = vmstat();
-    let (exit, signal, out) = run_echoed(SELFTEST, &[])?;
-    let after = vmstat();
-    let new_warnings: Vec<String> = kernel_warnings()
-        .into_iter()
-        .skip(warnings_before)
-        .collect();
-    let delta = |name| counter(&after, name).saturating_sub(counter(&before, name));
-    let (success, fail) = (delta("pgmigrate_success"), delta("pgmigrate_fail"));
+    let MeasuredRun {
+        exit,
+        signal,
+        out,
+        new_warnings,
+        migrated: (success, fail),
+    } = run_measured(SELFTEST)?;
     let tap = tap_counts(&out);
 
     let kselftest_verdict = kselftest::verdict(exit, tap.totals.as_ref());

@@ -6,7 +6,7 @@ use serde_json::json;
 
 use super::checks::{cpu_count, parse_list, read_sys};
 use super::kselftest::{self, CaseResult, Totals};
-use super::patched::{counter, kernel_warnings, last_lines, run_echoed, summary, vmstat};
+use super::patched::{MeasuredRun, last_lines, run_measured, summary};
 use super::{GuestError, TestInfo, Verdict};
 use crate::report::Status;
 
@@ -82,16 +82,13 @@ fn mm_migration() -> Result<Verdict, GuestError> {
         .find(|l| l.starts_with("Hugepagesize:"))
         .map(|l| l.trim().to_owned());
 
-    let warnings_before = kernel_warnings().len();
-    let before = vmstat();
-    let (exit, signal, out) = run_echoed(MIGRATION, &[])?;
-    let after = vmstat();
-    let new_warnings: Vec<String> = kernel_warnings()
-        .into_iter()
-        .skip(warnings_before)
-        .collect();
-    let delta = |name| counter(&after, name).saturating_sub(counter(&before, name));
-    let (success, fail) = (delta("pgmigrate_success"), delta("pgmigrate_fail"));
+    let MeasuredRun {
+        exit,
+        signal,
+        out,
+        new_warnings,
+        migrated: (success, fail),
+    } = run_measured(MIGRATION)?;
 
     let cases = kselftest::cases(&out);
     let totals = Totals::sum(out.lines());
