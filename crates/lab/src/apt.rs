@@ -13,8 +13,9 @@ use thiserror::Error;
 use crate::paths::{self, DirLock, PathsError};
 
 /// Suites the private sources.list names. bookworm is there for stable host tools
-/// (`busybox-static/bookworm`), trixie-backports for the 7.3 kernel, sid for the rest.
-pub const SUITES: &[&str] = &["trixie-backports", "sid", "bookworm"];
+/// (`busybox-static/bookworm`), bookworm-backports for a QEMU built for this host (10.0),
+/// trixie-backports for the 7.3 kernel, sid for the rest.
+pub const SUITES: &[&str] = &["trixie-backports", "sid", "bookworm", "bookworm-backports"];
 
 /// Keyring used when the host's source entry names none (or an inline key).
 const DEFAULT_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";

@@ -107,7 +107,12 @@ dmesg -n 1
 for ko in /lib/modules/gmemlab/*.ko; do
     [ -e "$ko" ] || break
     name=${{ko##*/}}; name=${{name#*-}}; name=${{name%.ko}}
-    if insmod "$ko"; then st=loaded; else st=failed; fi
+    # Module parameters from the kernel command line (kvm_amd.npt=0), as modprobe passes them.
+    mod=$(echo "$name" | tr - _); params=
+    for arg in $(cat /proc/cmdline); do
+        case $arg in "$mod".*=*) params="$params ${{arg#"$mod".}}" ;; esac
+    done
+    if insmod "$ko" $params; then st=loaded; else st=failed; fi
     echo "GMEMLAB-MODULE {{\"module\":\"$name\",\"status\":\"$st\"}}"
 done
 for t in {tests}; do

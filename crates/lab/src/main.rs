@@ -8,6 +8,7 @@ mod compare;
 mod cpio;
 mod deb;
 mod elf;
+mod emulator;
 mod guest;
 mod initramfs;
 mod memcheck;
@@ -154,13 +155,19 @@ struct RunArgs {
     /// The static gmem-lab to use as the in-guest agent [default: this executable]
     #[arg(long, value_name = "PATH")]
     agent: Option<PathBuf>,
-    /// QEMU binary
-    #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
-    qemu: PathBuf,
+    /// QEMU to boot: a binary's path or name, or `debian` for Debian's QEMU 10 from
+    /// bookworm-backports, fetched and unpacked into the cache
+    #[arg(long, value_name = "PATH|debian", default_value = "qemu-system-x86_64")]
+    qemu: emulator::QemuChoice,
     /// Kill QEMU if the guest has not finished after this many seconds (linux-guest alone
     /// may wait 600 s for its nested guest to boot)
     #[arg(long, value_name = "SECS", default_value_t = 900)]
     timeout: u64,
+    /// Let the lab kernel's KVM use nested paging (NPT) for its own guests. Off by default
+    /// (kvm_amd.npt=0, shadow paging): QEMU's TCG emulation of NPT crashes nested Linux
+    /// guests and now and then the lab's own kernel (lab/README.md has the evidence)
+    #[arg(long)]
+    nested_paging: bool,
     /// Memory of each of the two NUMA nodes, in MiB
     #[arg(long, value_name = "MIB", default_value_t = 1024)]
     node_mib: u64,
@@ -213,6 +220,7 @@ impl RunArgs {
             agent: self.agent.clone(),
             qemu: self.qemu.clone(),
             timeout: Duration::from_secs(self.timeout),
+            nested_paging: self.nested_paging,
             node_mib: self.node_mib,
             cpus: self.cpus,
             hotplug_dimm_mib: self.hotplug_dimm,

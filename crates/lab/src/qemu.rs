@@ -12,8 +12,27 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+use crate::emulator::Emulator;
+
 /// How long QEMU may take to exit after the guest printed GMEMLAB-DONE.
 const POWEROFF_GRACE: Duration = Duration::from_secs(15);
+
+/// The line QEMU logs (`-d cpu_reset`) when a CPU triple-faults.
+const TRIPLE_FAULT: &str = "Triple fault";
+
+/// If the guest's kernel triple-faulted, QEMU's account of it from the `-d cpu_reset` log:
+/// the "Triple fault" line and the instruction pointer of the CPU state dumped after it.
+pub fn triple_fault(reset_log: &str) -> Option<String> {
+    let at = reset_log.find(TRIPLE_FAULT)?;
+    let after = &reset_log[at..];
+    let rip = after
+        .split_whitespace()
+        .find(|w| w.starts_with("RIP=") || w.starts_with("EIP="));
+    Some(match rip {
+        Some(rip) => format!("a CPU triple-faulted (QEMU's reset log; {rip} is the reset state)"),
+        None => "a CPU triple-faulted (QEMU's reset log)".to_owned(),
+    })
+}
 
 /// Errors while running QEMU.
 #[derive(Debug, Error)]
@@ -116,7 +135,7 @@ impl fmt::Display for CpuCount {
 /// The machine to boot.
 #[derive(Debug, Clone)]
 pub struct Machine {
-    pub qemu: PathBuf,
+    pub qemu: Emulator,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub append: String,
@@ -131,6 +150,9 @@ pub struct Machine {
     pub serial_log: PathBuf,
     /// QEMU's own stderr.
     pub qemu_log: PathBuf,
+    /// QEMU's `-d cpu_reset` log: the CPU state at every reset, so a lab kernel that
+    /// triple-faults (QEMU exits, as `-no-reboot` asks) leaves its registers behind.
+    pub reset_log: PathBuf,
 }
 
 /// How the boot ended.
@@ -150,7 +172,8 @@ impl Machine {
     /// two sockets, each with half the CPUs, its own memory backend and NUMA node.
     pub fn args(&self) -> Vec<String> {
         let n = self.node_mib;
-        let mut a: Vec<String> = vec![
+        let mut a = self.qemu.data_args();
+        a.extend([
             "-accel".into(),
             "tcg,thread=multi".into(),
             "-cpu".into(),
@@ -167,7 +190,7 @@ impl Machine {
                 self.cpus.total(),
                 self.cpus.per_node()
             ),
-        ];
+        ]);
         for i in 0..2 {
             a.push("-object".into());
             a.push(format!("memory-backend-ram,id=m{i},size={n}M"));
@@ -193,9 +216,13 @@ impl Machine {
                 "-serial",
                 "stdio",
                 "-no-reboot",
+                "-d",
+                "cpu_reset",
             ]
             .map(String::from),
         );
+        a.push("-D".into());
+        a.push(self.reset_log.display().to_string());
         a.push("-kernel".into());
         a.push(self.kernel.display().to_string());
         a.push("-initrd".into());
@@ -216,7 +243,7 @@ impl Machine {
         };
         let mut serial = create(&self.serial_log)?;
         let qemu_err = create(&self.qemu_log)?;
-        let mut cmd = Command::new(&self.qemu);
+        let mut cmd = Command::new(&self.qemu.binary);
         cmd.args(self.args())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -226,7 +253,7 @@ impl Machine {
         gmem::sys::process::kill_with_parent(&mut cmd);
         let start = Instant::now();
         let mut child = cmd.spawn().map_err(|source| QemuError::Spawn {
-            qemu: self.qemu.clone(),
+            qemu: self.qemu.binary.clone(),
             source,
         })?;
         let pid = child.id();
@@ -317,9 +344,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_triple_fault_is_found_in_the_reset_log() {
+        let log = "CPU Reset (CPU 0)\nRAX=0 RBX=0\nTriple fault\nCPU Reset (CPU 1)\n\
+                   RAX=0000000000000000 RIP=ffffffff81001234 RFL=00000002\n";
+        let found = triple_fault(log).unwrap();
+        assert!(found.contains("RIP=ffffffff81001234"), "{found}");
+        assert_eq!(triple_fault("CPU Reset (CPU 0)\nRIP=0000fff0\n"), None);
+    }
+
+    #[test]
     fn command_line_has_two_numa_nodes() {
         let m = Machine {
-            qemu: "qemu-system-x86_64".into(),
+            qemu: Emulator {
+                binary: "qemu-system-x86_64".into(),
+                data_dirs: vec!["/fw".into()],
+                version: String::new(),
+            },
             kernel: "/k".into(),
             initrd: "/i".into(),
             append: "console=ttyS0 panic=-1".into(),
@@ -329,14 +369,17 @@ mod tests {
             timeout: Duration::from_secs(1),
             serial_log: "/s".into(),
             qemu_log: "/q".into(),
+            reset_log: "/r".into(),
         };
         let a = m.args().join(" ");
+        assert!(a.starts_with("-L /fw -accel"));
         assert!(a.contains("-accel tcg,thread=multi -cpu max -m 2048M"));
         assert!(a.contains("-smp 2,sockets=2,cores=1,threads=1"));
         assert!(a.contains("-object memory-backend-ram,id=m0,size=1024M"));
         assert!(a.contains("-object memory-backend-ram,id=m1,size=1024M"));
         assert!(a.contains("-numa node,nodeid=0,cpus=0,memdev=m0"));
         assert!(a.contains("-numa node,nodeid=1,cpus=1,memdev=m1"));
+        assert!(a.contains("-no-reboot -d cpu_reset -D /r"));
         assert!(a.ends_with("-kernel /k -initrd /i -append console=ttyS0 panic=-1"));
         assert!(!a.contains("pc-dimm"));
         let four = Machine {

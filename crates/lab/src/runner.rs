@@ -12,6 +12,7 @@ use thiserror::Error;
 use crate::apt::{AptError, Fetcher};
 use crate::deb::{self, DebError};
 use crate::elf;
+use crate::emulator::{DEBIAN_QEMU_SPECS, Emulator, EmulatorError, QemuChoice};
 use crate::guest;
 use crate::initramfs::{self, Contents, InitramfsError};
 use crate::paths::{self, DirLock, PathsError};
@@ -34,6 +35,8 @@ pub enum RunError {
     Paths(#[from] PathsError),
     #[error("cannot fetch the lab's Debian packages")]
     Fetch(#[from] AptError),
+    #[error("cannot unpack or start the lab's QEMU")]
+    Emulator(#[from] EmulatorError),
     #[error("cannot extract the lab's files")]
     Extract(#[from] DebError),
     #[error("cannot build the initramfs")]
@@ -84,8 +87,10 @@ pub struct RunOptions {
     pub gmemctl: Option<PathBuf>,
     pub bins: Vec<PathBuf>,
     pub agent: Option<PathBuf>,
-    pub qemu: PathBuf,
+    pub qemu: QemuChoice,
     pub timeout: Duration,
+    /// Leave the lab kernel's KVM on nested paging (`--nested-paging`); else kvm_amd.npt=0.
+    pub nested_paging: bool,
     pub node_mib: u64,
     /// vCPUs, split over the two nodes (`--cpus`).
     pub cpus: CpuCount,
@@ -104,6 +109,7 @@ pub struct RunOptions {
 /// What `prepare` produced: a kernel and an initramfs ready to boot.
 #[derive(Debug)]
 pub struct Prepared {
+    pub qemu: Emulator,
     pub kernel: PathBuf,
     pub kernel_label: String,
     pub initrd: PathBuf,
@@ -128,6 +134,10 @@ pub struct RunReport {
     pub failed: usize,
     pub skipped: usize,
     pub kernel: String,
+    /// The QEMU that ran the lab (its `--version` line).
+    pub qemu: String,
+    /// Whether the lab kernel's KVM ran its guests on nested paging (NPT).
+    pub nested_paging: bool,
     pub tests: Vec<TestResult>,
     pub boot: Option<Value>,
     pub modules: Vec<Value>,
@@ -235,8 +245,16 @@ pub fn prepare(opts: &RunOptions, initrd: &Path) -> Result<Prepared, RunError> {
         specs.push(format!("linux-binary-{}", opts.debian_release));
         specs.push(format!("linux-modules-{}", opts.debian_release));
     }
+    let qemu_debs = specs.len()..;
+    if opts.qemu == QemuChoice::Debian {
+        specs.extend(DEBIAN_QEMU_SPECS.iter().map(|s| s.to_string()));
+    }
     let debs = Fetcher::new(&cache).fetch(&specs, opts.refresh)?;
     let _lock = DirLock::acquire(&cache.join("extract.lock"))?;
+    let qemu = match &opts.qemu {
+        QemuChoice::Debian => Emulator::unpack(&cache, &debs[qemu_debs])?,
+        QemuChoice::Binary(path) => Emulator::binary(path.clone())?,
+    };
     let busybox = deb::busybox(&cache, &debs[0])?;
     let debian = if want_debian {
         Some(deb::debian_kernel(&cache, &debs[1], Some(&debs[2]))?)
@@ -259,6 +277,7 @@ pub fn prepare(opts: &RunOptions, initrd: &Path) -> Result<Prepared, RunError> {
     };
     let initrd_bytes = initramfs::build(&contents, initrd)?;
     Ok(Prepared {
+        qemu,
         kernel,
         kernel_label: label,
         initrd: initrd.to_owned(),
@@ -302,8 +321,9 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
     let prepared = prepare(opts, &dir.join("initrd.gz"))?;
     let prepare_s = start.elapsed().as_secs_f64();
     eprintln!(
-        "gmem-lab: booting {} with two NUMA nodes ({} MiB and {} CPUs each), initramfs {} KiB{}, \
-         tests: {}",
+        "gmem-lab: {}: booting {} with two NUMA nodes ({} MiB and {} CPUs each), initramfs {} KiB{}, \
+         nested paging {}, tests: {}",
+        prepared.qemu.version,
         prepared.kernel_label,
         opts.node_mib,
         opts.cpus.per_node(),
@@ -312,6 +332,11 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
             " (no modules: KVM must be built in)".to_owned()
         } else {
             format!(", modules {}", prepared.modules.join(" "))
+        },
+        if opts.nested_paging {
+            "on"
+        } else {
+            "off (kvm_amd.npt=0)"
         },
         opts.tests.join(",")
     );
@@ -322,12 +347,18 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
         guest::CPUS_PARAM,
         opts.cpus
     );
+    if !opts.nested_paging {
+        // Shadow paging for the nested guests: under QEMU's TCG (7.2 and 10.0), NPT makes a
+        // nested Linux guest take a #PF on an instruction fetch it just executed from, and
+        // triple-fault, at boot and while its memory moves; 10.0 also killed the lab kernel.
+        append.push_str(" kvm_amd.npt=0");
+    }
     if let Some(extra) = &opts.append {
         append.push(' ');
         append.push_str(extra);
     }
     let machine = Machine {
-        qemu: opts.qemu.clone(),
+        qemu: prepared.qemu.clone(),
         kernel: prepared.kernel.clone(),
         initrd: prepared.initrd.clone(),
         append,
@@ -337,6 +368,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
         timeout: opts.timeout,
         serial_log: dir.join("serial.log"),
         qemu_log: dir.join("qemu.log"),
+        reset_log: dir.join("qemu-reset.log"),
     };
     let mut crashes = Vec::new();
     let (boot, mut outcome) = loop {
@@ -362,6 +394,8 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
                 crashes.push(line);
                 let kept = dir.join(format!("serial-attempt-{}.log", crashes.len()));
                 let _ = fs::rename(&machine.serial_log, kept);
+                let kept = dir.join(format!("qemu-reset-attempt-{}.log", crashes.len()));
+                let _ = fs::rename(&machine.reset_log, kept);
             }
             _ => break (boot, outcome),
         }
@@ -371,6 +405,15 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
             "timed out after {} s; QEMU (pid {}) was killed",
             opts.timeout.as_secs(),
             boot.pid
+        ));
+    }
+    if let Some(fault) = fs::read_to_string(&machine.reset_log)
+        .ok()
+        .and_then(|log| crate::qemu::triple_fault(&log))
+    {
+        outcome.problems.push(format!(
+            "the lab's kernel died: {fault}; see {}",
+            machine.reset_log.display()
         ));
     }
     if let Ok(q) = fs::read_to_string(&machine.qemu_log) {
@@ -396,6 +439,8 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
         failed,
         skipped,
         kernel: prepared.kernel_label,
+        qemu: prepared.qemu.version,
+        nested_paging: opts.nested_paging,
         tests: outcome.tests,
         boot: outcome.boot,
         modules: outcome.modules,
