@@ -29,7 +29,7 @@ pub fn triple_fault(reset_log: &str) -> Option<String> {
         .split_whitespace()
         .find(|w| w.starts_with("RIP=") || w.starts_with("EIP="));
     Some(match rip {
-        Some(rip) => format!("a CPU triple-faulted (QEMU's reset log; {rip} is the reset state)"),
+        Some(rip) => format!("a CPU triple-faulted (QEMU's reset log; {rip} in the state after)"),
         None => "a CPU triple-faulted (QEMU's reset log)".to_owned(),
     })
 }
