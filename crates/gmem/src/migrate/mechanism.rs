@@ -101,6 +101,15 @@ pub(crate) fn report(step: &Step, outcome: StepOutcome) -> StepReport {
     }
 }
 
+/// Whether this process maps every page of a finished step's range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mapped {
+    /// Every page: its PFNs say where all of them are (remap populates its destination).
+    Fully,
+    /// Perhaps not: ask the kernel (move_pages) for every resident page.
+    Unknown,
+}
+
 /// Fills the placement and PFN fields of a finished step from the range's new state.
 pub(crate) fn check_result(
     cx: &StepContext<'_>,
@@ -108,17 +117,21 @@ pub(crate) fn check_result(
     offset: u64,
     pfns_before: Option<Vec<Option<u64>>>,
     stop: Option<Duration>,
+    mapped: Mapped,
 ) -> Result<(), MigrateError> {
     report.stop = stop;
-    let placement = Placement::query(cx.map, offset, report.len)?;
-    let on_target = placement
-        .per_node()
-        .get(&report.target)
-        .copied()
-        .unwrap_or(0);
-    let resident: u64 = placement.per_node().values().sum();
+    let pfns_after = cx.pfns(offset, report.len);
+    // One pagemap read (~20 us per 2 MiB here) instead of a move_pages query (~200 us).
+    let per_node = match (mapped, &pfns_after) {
+        (Mapped::Fully, Some(pfns)) if pfns.iter().all(Option::is_some) => {
+            cx.pages_per_node(offset, report.len, Some(pfns))?
+        }
+        _ => Placement::query(cx.map, offset, report.len)?.per_node(),
+    };
+    let on_target = per_node.get(&report.target).copied().unwrap_or(0);
+    let resident: u64 = per_node.values().sum();
     report.pages_off_target = resident - on_target;
-    if let (Some(before), Some(after)) = (pfns_before, cx.pfns(offset, report.len)) {
+    if let (Some(before), Some(after)) = (pfns_before, pfns_after) {
         report.pfns_changed = Some(verify::pfns_changed(&before, &after));
         report.pfns_checked = Some(
             before

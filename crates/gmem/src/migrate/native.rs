@@ -9,7 +9,7 @@ use std::io;
 use std::time::Duration;
 
 use super::MigrateError;
-use super::mechanism::{Mechanism, StepContext, check_result, report};
+use super::mechanism::{Mapped, Mechanism, StepContext, check_result, report};
 use super::plan::Step;
 use super::quiesce::Paused;
 use super::report::{ContentCheck, StepOutcome, StepReport};
@@ -195,7 +195,7 @@ impl Mechanism for Native {
             (Some(_), Some(_)) => ContentCheck::Mismatched,
             _ => ContentCheck::NotTaken,
         };
-        check_result(cx, &mut report, offset, pfns_before, stop)?;
+        check_result(cx, &mut report, offset, pfns_before, stop, Mapped::Unknown)?;
         if matches!(report.outcome, StepOutcome::Partial { .. }) {
             report.pages_moved = pages - not_moved;
         }

@@ -12,7 +12,7 @@
 //! buffer is a [`BatchJournal`]'s, recorded before the punch and cleared after the copy back.
 
 use super::journal::{BatchJournal, BatchPoint};
-use super::mechanism::{Mechanism, StepContext, check_result, report};
+use super::mechanism::{Mapped, Mechanism, StepContext, check_result, report};
 use super::plan::Step;
 use super::quiesce::Paused;
 use super::report::{ContentCheck, RestoredTo, StepOutcome, StepReport};
@@ -331,7 +331,14 @@ impl Mechanism for Refault<'_> {
 
         let mut report = report(step, outcome);
         report.content = content;
-        check_result(cx, &mut report, offset, pfns_before, Some(stop))?;
+        check_result(
+            cx,
+            &mut report,
+            offset,
+            pfns_before,
+            Some(stop),
+            Mapped::Unknown,
+        )?;
         Ok(report)
     }
 }

@@ -52,18 +52,26 @@ pub enum MechanismChoice {
     Exactly(MechanismKind),
 }
 
+impl FromStr for MechanismKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        MechanismKind::ALL
+            .into_iter()
+            .find(|kind| kind.to_string() == s)
+            .ok_or_else(|| format!("unknown mechanism '{s}': use native, remap or refault"))
+    }
+}
+
 impl FromStr for MechanismChoice {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "auto" => Ok(MechanismChoice::Auto),
-            "native" => Ok(MechanismChoice::Exactly(MechanismKind::Native)),
-            "remap" => Ok(MechanismChoice::Exactly(MechanismKind::Remap)),
-            "refault" => Ok(MechanismChoice::Exactly(MechanismKind::Refault)),
-            other => Err(format!(
-                "unknown mechanism '{other}': use auto, native, remap or refault"
-            )),
+            other => other.parse().map(MechanismChoice::Exactly).map_err(|_| {
+                format!("unknown mechanism '{other}': use auto, native, remap or refault")
+            }),
         }
     }
 }

@@ -37,6 +37,9 @@ pub struct Args {
     /// Verification per step: full (placement, PFNs, content hashes), placement, off.
     #[arg(long, default_value = "full", value_parser = parse_verify)]
     verify: Verify,
+    /// Measure only this mechanism (repeatable; default: all), e.g. to profile one.
+    #[arg(long = "mechanism", value_name = "MECHANISM")]
+    mechanisms: Vec<MechanismKind>,
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
@@ -96,6 +99,9 @@ pub fn run(kvm_device: &Path, args: Args) -> Result<(), CliError> {
     let naive_gbps = naive.throughput_gbps;
     let mut rows = vec![naive];
     for mechanism in MechanismKind::ALL {
+        if !args.mechanisms.is_empty() && !args.mechanisms.contains(&mechanism) {
+            continue;
+        }
         rows.push(measure(&vm, flags, mechanism, &args, from, to)?);
     }
     for row in &mut rows {
