@@ -5,6 +5,8 @@
 //! intact until the guest has resumed on the new one, so any failure just swaps back, and
 //! the check after the swap is a byte-exact comparison with it.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use super::copier::CopyOutcome;
 use super::mechanism::{Mapped, StepContext, check_result, report};
 use super::plan::Step;
@@ -133,6 +135,10 @@ impl Remap<'_> {
                 bad.guest_offset, bad.len
             )));
         }
+        // The step whose turn it is to take a spare chunk: steps take them in order, so the
+        // one the main thread needs next is never starved by a later one (with one spare,
+        // a worker could otherwise hold it for its next step while the other waits).
+        let turn = AtomicUsize::new(0);
         std::thread::scope(|scope| {
             let mut ready = Vec::new();
             let mut returned = Vec::new();
@@ -145,7 +151,10 @@ impl Remap<'_> {
                 let worker_cx = cx.clone();
                 let worker = *self;
                 let mine = steps.iter().enumerate().skip(first).step_by(PREPARERS);
-                scope.spawn(move || worker.prepare_all(&worker_cx, mine, &ready_tx, &returned_rx));
+                let turn = &turn;
+                scope.spawn(move || {
+                    worker.prepare_all(&worker_cx, mine, turn, &ready_tx, &returned_rx)
+                });
             }
             for (index, step) in steps.iter().enumerate() {
                 let (ready_index, prepared) = ready[index % PREPARERS]
@@ -181,6 +190,7 @@ impl Remap<'_> {
         &self,
         cx: &StepContext<'_>,
         steps: impl Iterator<Item = (usize, &'s Step)>,
+        turn: &AtomicUsize,
         ready: &std::sync::mpsc::SyncSender<(usize, Result<u64, String>)>,
         returned: &std::sync::mpsc::Receiver<u64>,
     ) {
@@ -196,12 +206,16 @@ impl Remap<'_> {
         };
         let mut room = RoomCredit::default();
         for (index, step) in steps {
-            retire_handed_back();
             let spare = loop {
-                if let Some(spare) = memory.take_spare() {
-                    break spare;
+                retire_handed_back();
+                if turn.load(Ordering::Acquire) == index {
+                    if let Some(spare) = memory.take_spare() {
+                        turn.store(index + 1, Ordering::Release);
+                        break spare;
+                    }
                 }
-                // Another worker may be the one to free the next spare: look again soon.
+                // Not this step's turn yet, or no spare free: what frees one may come from
+                // this worker's own queue or another's, so look again soon.
                 match returned.recv_timeout(SPARE_POLL) {
                     Ok(offset) => retire(memory, offset),
                     Err(RecvTimeoutError::Timeout) => {}
