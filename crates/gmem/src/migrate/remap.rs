@@ -208,11 +208,11 @@ impl Remap<'_> {
         for (index, step) in steps {
             let spare = loop {
                 retire_handed_back();
-                if turn.load(Ordering::Acquire) == index {
-                    if let Some(spare) = memory.take_spare() {
-                        turn.store(index + 1, Ordering::Release);
-                        break spare;
-                    }
+                if turn.load(Ordering::Acquire) == index
+                    && let Some(spare) = memory.take_spare()
+                {
+                    turn.store(index + 1, Ordering::Release);
+                    break spare;
                 }
                 // Not this step's turn yet, or no spare free: what frees one may come from
                 // this worker's own queue or another's, so look again soon.
