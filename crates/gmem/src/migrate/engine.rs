@@ -431,9 +431,12 @@ impl<'a> Migrator<'a> {
         }
     }
 
-    /// Binds the range of each step `bound` selects to its target for future allocations
-    /// (pages the guest has not touched yet), so the placement holds after the move; the
-    /// other steps' ranges get the default policy.
+    /// Sets the policy for future allocations (pages the guest has not touched yet) of every
+    /// unit, holes included, so the placement holds after the move: a unit whose steps all
+    /// count as `bound` gets its target; one with a step that does not gets the default
+    /// policy, as do units with no step when any step does not count (binding memory to a
+    /// target that could not take it would make the guest's next first touch there an OOM
+    /// kill).
     fn apply_future_policy(
         &self,
         request: &MigrationRequest,
@@ -443,18 +446,31 @@ impl<'a> Migrator<'a> {
         if let PlacementPolicy::Drain(_) = request.policy {
             return Ok(()); // pages elsewhere stay where they are; only moved units changed
         }
-        let chunk_size = self.memory.layout().chunk_size;
-        for step in &plan.steps {
-            let chunk = step.guest_offset / chunk_size;
-            let offset = self.memory.chunk_offset(chunk) + step.guest_offset % chunk_size;
-            let policy = if bound(step) {
-                Policy::Bind(NodeMask::single(step.target))
+        let layout = self.memory.layout();
+        let all_bound = plan.steps.iter().all(&bound);
+        let mut steps = plan.steps.iter().peekable();
+        for (unit, &target) in plan.unit_targets.iter().enumerate() {
+            let start = unit as u64 * plan.unit;
+            let end = (start + plan.unit).min(layout.guest_size);
+            let mut unit_steps = 0;
+            let mut unit_bound = true;
+            while let Some(step) = steps.next_if(|s| s.guest_offset < end) {
+                unit_steps += 1;
+                unit_bound &= bound(step);
+            }
+            if unit_steps == 0 {
+                unit_bound = all_bound;
+            }
+            let policy = if unit_bound {
+                Policy::Bind(NodeMask::single(target))
             } else {
                 Policy::Default
             };
+            let chunk = start / layout.chunk_size;
+            let offset = self.memory.chunk_offset(chunk) + start % layout.chunk_size;
             self.memory
                 .host()?
-                .set_policy_unchecked(offset, step.len, &policy)?;
+                .set_policy_unchecked(offset, end - start, &policy)?;
         }
         Ok(())
     }
@@ -577,6 +593,7 @@ impl<'a> Migrator<'a> {
                     pages_to_move: pages_per_chunk,
                 })
                 .collect(),
+            unit_targets: vec![target; layout.chunks() as usize],
             unit: layout.chunk_size,
             pages_to_move: layout.chunks() * pages_per_chunk,
             pages_in_place: 0,

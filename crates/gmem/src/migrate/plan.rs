@@ -64,6 +64,9 @@ pub struct Plan {
     pub pages_to_move: u64,
     /// Resident pages already where they belong (left alone).
     pub pages_in_place: u64,
+    /// The target of every unit in guest order, holes included: where the guest's first
+    /// touches there should be allocated once the memory has moved.
+    pub unit_targets: Vec<NodeId>,
 }
 
 /// What the planner needs to know about the memory.
@@ -173,6 +176,7 @@ impl PlacementPolicy {
             unit: input.unit,
             pages_to_move: 0,
             pages_in_place: 0,
+            unit_targets: targets.clone(),
         };
         for (unit, &target) in targets.iter().enumerate() {
             let first = unit as u64 * pages_per_unit;
