@@ -34,6 +34,12 @@ pub fn page_size() -> u64 {
 /// allocation the node cannot satisfy does not fail, it runs the OOM killer (see
 /// [`crate::numa::room`]). Best effort: other allocations may race with the one checked.
 pub fn ensure_room(node: NodeId, bytes: u64) -> Result<(), MemoryError> {
+    room_for(node, bytes).map(drop)
+}
+
+/// [`ensure_room`], returning the bytes `node` could supply when it read them, for callers
+/// that spend that room over several allocations.
+pub(crate) fn room_for(node: NodeId, bytes: u64) -> Result<u64, MemoryError> {
     let available = NodeRoom::read(node)?.available();
     if available < bytes {
         return Err(MemoryError::NodeFull {
@@ -42,7 +48,7 @@ pub fn ensure_room(node: NodeId, bytes: u64) -> Result<(), MemoryError> {
             available_kib: available >> 10,
         });
     }
-    Ok(())
+    Ok(available)
 }
 
 /// Checks that `offset..offset+len` is non-empty, page-aligned and inside `size` bytes.

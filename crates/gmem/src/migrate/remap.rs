@@ -100,11 +100,8 @@ impl RoomCredit {
     fn ensure(&mut self, node: crate::numa::NodeId, len: u64) -> Result<(), MemoryError> {
         let fresh = self.node == Some(node) && self.steps < ROOM_READ_EVERY && self.bytes >= len;
         if !fresh {
-            crate::memory::ensure_room(node, len)?;
+            self.bytes = crate::memory::room_for(node, len)?;
             self.node = Some(node);
-            self.bytes = crate::numa::NodeRoom::read(node)
-                .map(|room| room.available())
-                .unwrap_or(len);
             self.steps = 0;
         }
         self.bytes = self.bytes.saturating_sub(len);
