@@ -143,6 +143,46 @@ fn status_agrees_page_for_page_with_the_vms_own_placement() {
     assert_eq!(mappings[0]["size_bytes"], memory["gmem_size"]);
     assert_eq!(mappings[0]["mapped_pages"], vmm_mapped);
 
+    // numastat's layout: the guest_memfd row holds what the API counts, per node and in
+    // total (MB, two decimals), and Private leaves the VMM-mapped gmem pages out.
+    let numastat = gmemctl(&["status", &vm.pid.to_string(), "--numastat"]);
+    assert!(numastat.status.success(), "{}", stderr(&numastat));
+    let numastat = String::from_utf8_lossy(&numastat.stdout).into_owned();
+    assert!(
+        numastat.contains(&format!(
+            "Per-node process memory usage (in MBs) for PID {}",
+            vm.pid
+        )),
+        "{numastat}"
+    );
+    let row = |name: &str| -> Vec<String> {
+        let line = numastat
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} row: {numastat}"));
+        line.split_whitespace().skip(1).map(str::to_owned).collect()
+    };
+    let mb = |pages: u64| format!("{:.2}", (pages * page_size()) as f64 / (1 << 20) as f64);
+    let per_node = placement["per_node"].as_object().unwrap();
+    let header: Vec<String> = numastat
+        .lines()
+        .find(|l| l.trim_start().starts_with("Node "))
+        .unwrap()
+        .split("Node ")
+        .skip(1)
+        .map(|c| c.split_whitespace().next().unwrap().to_owned())
+        .collect();
+    let gmem_row = row("guest_memfd");
+    assert_eq!(gmem_row.len(), header.len() + 1, "{numastat}");
+    for (node, value) in header.iter().zip(&gmem_row) {
+        let pages = per_node.get(node).and_then(Value::as_u64).unwrap_or(0);
+        assert_eq!(*value, mb(pages), "node {node}: {numastat}");
+    }
+    assert_eq!(gmem_row.last().unwrap(), &mb(api_resident), "{numastat}");
+    for name in ["Huge", "Heap", "Stack", "Private", "Total"] {
+        assert_eq!(row(name).len(), header.len() + 1, "{name}: {numastat}");
+    }
+
     let resumed = client
         .put_json("/vm/state", &json!({"state": "Running"}))
         .unwrap();

@@ -149,6 +149,10 @@ struct RunArgs {
     /// A static gmemctl to install as /bin/gmemctl
     #[arg(long, value_name = "PATH")]
     gmemctl: Option<PathBuf>,
+    /// A static Firecracker (its guest_memfd branch) to install as /bin/firecracker, for the
+    /// `firecracker` test (lab/run passes ../shared/vmms/firecracker or $GMEM_FIRECRACKER)
+    #[arg(long, value_name = "PATH")]
+    firecracker: Option<PathBuf>,
     /// Another static executable for /bin (repeatable)
     #[arg(long = "bin", value_name = "PATH")]
     bins: Vec<PathBuf>,
@@ -216,6 +220,7 @@ impl RunArgs {
             debian_release: self.debian_release.clone(),
             debian_modules: self.debian_modules,
             gmemctl: self.gmemctl.clone(),
+            firecracker: self.firecracker.clone(),
             bins: self.bins.clone(),
             agent: self.agent.clone(),
             qemu: self.qemu.clone(),

@@ -156,6 +156,25 @@ fn uptime() -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
+/// KiB the guest kernel has handed out (MemTotal - MemFree in /proc/meminfo): every such
+/// page has been touched, so a VMM's guest memory holds at least this much.
+fn used_kib() -> String {
+    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib = |key: &str| -> Option<u64> {
+        let line = meminfo.lines().find(|l| l.starts_with(key))?;
+        line[key.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    };
+    match (kib("MemTotal:"), kib("MemFree:")) {
+        (Some(total), Some(free)) => total.saturating_sub(free).to_string(),
+        _ => "unknown".to_owned(),
+    }
+}
+
 /// PID 1's setup: /proc for the uptime, and devtmpfs if the initramfs has no /dev/console
 /// (then the kernel gave init no console, so the checker opens it itself).
 fn init_setup(console: &mut Console) -> Result<(), MemcheckError> {
@@ -211,7 +230,12 @@ fn check(pid1: bool, console: &mut Console) -> Result<u64, MemcheckError> {
         });
         mismatches += bad;
         if sweep == 1 {
-            console.line(&format!("ready mib={} uptime={}", settings.mib, uptime()));
+            console.line(&format!(
+                "ready mib={} uptime={} used_kib={}",
+                settings.mib,
+                uptime(),
+                used_kib()
+            ));
         }
         if bad == 0 {
             console.line(&format!("sweep={sweep} ok"));

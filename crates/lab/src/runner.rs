@@ -85,6 +85,8 @@ pub struct RunOptions {
     /// Put Debian's KVM modules into the initramfs even with `kernel`.
     pub debian_modules: bool,
     pub gmemctl: Option<PathBuf>,
+    /// A static Firecracker, installed as /bin/firecracker for the `firecracker` test.
+    pub firecracker: Option<PathBuf>,
     pub bins: Vec<PathBuf>,
     pub agent: Option<PathBuf>,
     pub qemu: QemuChoice,
@@ -228,6 +230,10 @@ pub fn prepare(opts: &RunOptions, initrd: &Path) -> Result<Prepared, RunError> {
     if let Some(g) = &opts.gmemctl {
         must_exist("--gmemctl", g)?;
         bins.push(("gmemctl".to_owned(), g.clone()));
+    }
+    if let Some(f) = &opts.firecracker {
+        must_exist("--firecracker", f)?;
+        bins.push(("firecracker".to_owned(), f.clone()));
     }
     for b in &opts.bins {
         must_exist("--bin", b)?;

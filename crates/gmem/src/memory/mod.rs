@@ -20,7 +20,7 @@ pub use guest_memory::{ChunkLayout, GuestMemory};
 pub use mapped::MappedGmem;
 pub(crate) use placement::map_resident;
 pub use placement::{PageLocation, Placement, PlacementRange};
-pub use policy::Policy;
+pub use policy::{PER_INODE_POLICY_SINCE, Policy, kernel_release, policy_is_per_inode};
 
 use crate::numa::{NodeId, NodeRoom};
 

@@ -105,9 +105,37 @@ impl fmt::Display for Policy {
     }
 }
 
+/// The first kernel that keeps a guest_memfd's NUMA policy per inode (shared by every mapping
+/// and by KVM's own faults for the guest) rather than per mapping (pull "kvm-x86-gmem-6.19").
+/// The lab's `gmem-policy` test checks it on the kernels it boots.
+pub const PER_INODE_POLICY_SINCE: (u32, u32) = (6, 19);
+
+/// Whether a kernel of `release` ("6.18.44-fc-v657", "7.3.4+deb13-cloud-amd64") keeps a
+/// guest_memfd's policy per inode; `None` if the release cannot be read.
+pub fn policy_is_per_inode(release: &str) -> Option<bool> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let version: (u32, u32) = (parts.next()?.parse().ok()?, parts.next()?.parse().ok()?);
+    Some(version >= PER_INODE_POLICY_SINCE)
+}
+
+/// The running kernel's release (`/proc/sys/kernel/osrelease`), or "unknown".
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_which_kernels_keep_the_policy_per_inode() {
+        assert_eq!(policy_is_per_inode("6.18.44-fc-v657"), Some(false));
+        assert_eq!(policy_is_per_inode("7.3.4+deb13-cloud-amd64"), Some(true));
+        assert_eq!(policy_is_per_inode("6.19"), Some(true));
+        assert_eq!(policy_is_per_inode("garbage"), None);
+    }
 
     #[test]
     fn raw_round_trip() {

@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
 
+use crate::sys::mempolicy::{MPOL_MF_MOVE, MPOL_MF_MOVE_ALL};
+
 use crate::memory::{
     AttachedGmem, ChunkLayout, GmemFlags, GuestMemory, MappedGmem, MemoryError, Placement,
     page_size,
@@ -32,6 +34,11 @@ pub trait MovableMemory: Sync {
     /// Whether the gmem was created MIGRATABLE: `Some` where the flags are known, `None`
     /// where they cannot be told from outside.
     fn migratable(&self) -> Option<bool>;
+
+    /// The move_pages flag that moves this memory's pages.
+    fn move_flag(&self) -> u32 {
+        MPOL_MF_MOVE
+    }
 
     /// The owned memory, whose memslots this process can rebind (the remap mechanism and
     /// confidential memory need that); `None` for memory another process binds.
@@ -130,6 +137,13 @@ impl MovableMemory for ForeignMemory<'_> {
 
     fn scratch_vm(&self) -> &Arc<VmFd> {
         &self.scratch_vm
+    }
+
+    /// The VMM maps some of these pages too (what it loaded itself, its virtio rings), and
+    /// move_pages leaves such folios alone unless told to move shared ones; `--pid` runs as
+    /// root, which has the CAP_SYS_NICE that needs.
+    fn move_flag(&self) -> u32 {
+        MPOL_MF_MOVE_ALL
     }
 
     fn migratable(&self) -> Option<bool> {

@@ -15,7 +15,7 @@ use super::quiesce::Paused;
 use super::report::{ContentCheck, StepOutcome, StepReport};
 use super::verify::{self, BLOCK};
 use crate::memory::page_size;
-use crate::sys::mempolicy::{self, MPOL_MF_MOVE};
+use crate::sys::mempolicy;
 
 /// Marks a status entry the kernel did not write.
 const UNWRITTEN: i32 = i32::MIN;
@@ -44,14 +44,9 @@ fn move_with_retries(
     target: i32,
     status: &mut [i32],
     rounds: u32,
+    flag: u32,
 ) -> io::Result<usize> {
-    let first = mempolicy::move_pages(
-        0,
-        addrs,
-        Some(&vec![target; addrs.len()]),
-        status,
-        MPOL_MF_MOVE,
-    );
+    let first = mempolicy::move_pages(0, addrs, Some(&vec![target; addrs.len()]), status, flag);
     if !matches!(first, Ok(left) if left > 0) {
         return first;
     }
@@ -79,8 +74,7 @@ fn move_with_retries(
         let again: Vec<usize> = behind.iter().map(|&i| addrs[i]).collect();
         let mut again_status = vec![UNWRITTEN; again.len()];
         let nodes = vec![target; again.len()];
-        if mempolicy::move_pages(0, &again, Some(&nodes), &mut again_status, MPOL_MF_MOVE).is_err()
-        {
+        if mempolicy::move_pages(0, &again, Some(&nodes), &mut again_status, flag).is_err() {
             break;
         }
         for (&i, s) in behind.iter().zip(again_status) {
@@ -129,7 +123,8 @@ impl Mechanism for Native {
             .checks_content()
             .then(|| verify::hash_range(cx.map, offset, step.len, &mut self.block));
         let target = step.target.0 as i32;
-        let mut result = move_with_retries(&addrs, target, &mut status, ROUNDS_RUNNING);
+        let flag = cx.memory.move_flag();
+        let mut result = move_with_retries(&addrs, target, &mut status, ROUNDS_RUNNING, flag);
         // A folio that a running vCPU keeps faulting on (its page tables, say) can lose every
         // race against the fault, which holds a folio reference while it waits for the lock
         // that migration holds. Once the kernel has shown it moves gmem, such stragglers are
@@ -143,7 +138,8 @@ impl Mechanism for Native {
                 let again: Vec<usize> = behind.iter().map(|&i| addrs[i]).collect();
                 let mut again_status = vec![UNWRITTEN; again.len()];
                 let stopped = Paused::new(cx.quiesce)?;
-                let moved = move_with_retries(&again, target, &mut again_status, ROUNDS_STOPPED);
+                let moved =
+                    move_with_retries(&again, target, &mut again_status, ROUNDS_STOPPED, flag);
                 straggler_stop = Some(stopped.resume()?);
                 if moved.is_ok() {
                     for (&i, s) in behind.iter().zip(again_status) {

@@ -27,6 +27,9 @@ pub const MPOL_WEIGHTED_INTERLEAVE: i32 = 6;
 pub const MPOL_MF_STRICT: u32 = 1 << 0;
 /// mbind/move_pages flag: move this process's pages to follow the policy.
 pub const MPOL_MF_MOVE: u32 = 1 << 1;
+/// move_pages flag: move pages other processes map too (needs CAP_SYS_NICE). Without it the
+/// kernel skips a folio that may be mapped by another mm with EACCES.
+pub const MPOL_MF_MOVE_ALL: u32 = 1 << 2;
 
 /// get_mempolicy flag: return the policy of the VMA at `addr`, not of the task.
 const MPOL_F_ADDR: i32 = 1 << 1;

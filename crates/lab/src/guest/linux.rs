@@ -32,7 +32,7 @@ pub enum CpuTables {
 
 impl CpuTables {
     /// What the command line adds to choose them.
-    fn cmdline(self) -> &'static str {
+    pub fn cmdline(self) -> &'static str {
         match self {
             CpuTables::Acpi => "",
             CpuTables::MpTable => " acpi=off",
@@ -56,9 +56,9 @@ impl CpuTables {
 }
 
 /// Its RAM.
-const MEM: &str = "256M";
+pub(super) const MEM: &str = "256M";
 /// MiB its /init checks, sweep after sweep.
-const MEMCHECK_MIB: u64 = 64;
+pub(super) const MEMCHECK_MIB: u64 = 64;
 /// The kernel command line, without the memcheck settings. `reboot=k`: a reboot resets
 /// through the keyboard controller, which the VMM catches and exits.
 ///
@@ -66,37 +66,39 @@ const MEMCHECK_MIB: u64 = 64;
 /// `helper_xsetbv` checks none), so the L1 KVM never learns the XCR0 the guest sets and
 /// answers CPUID leaf 0xD with the size for x87+SSE alone; Linux then finds its XSAVE sizes
 /// inconsistent and dies in FPU setup. On hardware KVM sees every XSETBV.
-const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodules \
+pub(super) const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodules \
                        i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable noxsave";
-const CONSOLE: &str = "/tmp/l2-console.log";
-const API_SOCK: &str = "/tmp/l2.sock";
+pub(super) const CONSOLE: &str = "/tmp/l2-console.log";
+pub(super) const API_SOCK: &str = "/tmp/l2.sock";
 /// gmemctl run's own stdout and stderr.
-const VMM_LOG: &str = "/tmp/l2-vmm.log";
+pub(super) const VMM_LOG: &str = "/tmp/l2-vmm.log";
 /// The flags of `gmemctl run` this test needs.
 const RUN_FLAGS: [&str; 4] = ["--kernel", "--initramfs", "--cmdline", "--console"];
 
 /// From `gmemctl run` to the checker's first verified sweep: a full Debian kernel boots on
 /// KVM nested in TCG in 6-17 s; ten times that and more before calling it hung.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+pub(super) const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 /// Sweeps `linux-guest-reboot`'s guest runs before it reboots.
 const REBOOT_AFTER_SWEEPS: u64 = 2;
 /// How long the guest's undisturbed sweep rate is measured before the first move.
 const RATE_WINDOW: Duration = Duration::from_secs(4);
 /// Sweeps the guest must complete after each move, with the memory in its new place.
-const SWEEPS_AFTER_MOVE: u64 = 2;
+pub(super) const SWEEPS_AFTER_MOVE: u64 = 2;
 /// How long those sweeps may take.
-const SWEEPS_TIMEOUT: Duration = Duration::from_secs(300);
+pub(super) const SWEEPS_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long gmemctl run may take to exit after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(500);
 /// Console and log lines kept in the detail of a failure.
-const TAIL_LINES: usize = 20;
+pub(super) const TAIL_LINES: usize = 20;
 
 /// What the guest's memory checker has said on the console so far.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Memcheck {
     /// `ready mib=.. uptime=..`: (MiB, the guest's uptime in seconds) after the first sweep.
     pub ready: Option<(u64, Option<f64>)>,
+    /// `used_kib=` of the `ready` line: what the guest kernel had handed out by then.
+    pub used_kib: Option<u64>,
     /// The highest sweep number reported.
     pub sweeps: u64,
     /// Sweeps reported `FAILED`.
@@ -132,6 +134,7 @@ pub fn parse_console(text: &str) -> Memcheck {
             let mib = field(rest, "mib").and_then(|v| v.parse().ok()).unwrap_or(0);
             let uptime = field(rest, "uptime").and_then(|v| v.parse().ok());
             m.ready = Some((mib, uptime));
+            m.used_kib = field(rest, "used_kib").and_then(|v| v.parse().ok());
         } else if rest.starts_with("MISMATCH") {
             m.mismatch_lines += 1;
         } else if rest.starts_with("error") {
@@ -146,7 +149,7 @@ pub fn parse_console(text: &str) -> Memcheck {
     m
 }
 
-fn read_console() -> (String, Memcheck) {
+pub(super) fn read_console() -> (String, Memcheck) {
     let text = fs::read(CONSOLE)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
@@ -155,7 +158,7 @@ fn read_console() -> (String, Memcheck) {
 }
 
 /// The guest kernel's warnings, oopses and panics on the console (the first 10 lines).
-fn kernel_alerts(console: &str) -> Vec<String> {
+pub(super) fn kernel_alerts(console: &str) -> Vec<String> {
     console
         .lines()
         .filter(|l| {
@@ -196,7 +199,7 @@ fn expected_protocol(image: &Path) -> &'static str {
 }
 
 /// The last `n` lines of `text`, each without a trailing `\r`.
-fn last_lines(text: &str, n: usize) -> Vec<String> {
+pub(super) fn last_lines(text: &str, n: usize) -> Vec<String> {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..]
         .iter()
@@ -204,20 +207,24 @@ fn last_lines(text: &str, n: usize) -> Vec<String> {
         .collect()
 }
 
-/// `gmemctl run`, killed (SIGKILL) if the test ends before it has stopped it properly.
-struct Vmm {
-    child: Child,
+/// A VMM running the nested guest (`gmemctl run`, Firecracker), killed (SIGKILL) if the
+/// test ends before it has stopped it properly.
+pub(super) struct Vmm {
+    pub child: Child,
+    /// What the test's sentences call it.
+    pub name: &'static str,
 }
 
 impl Vmm {
-    fn exited(&mut self) -> Option<ExitStatus> {
+    pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
 
     /// SIGTERM, then the exit status within [`STOP_TIMEOUT`]; `Err` says what went wrong.
-    fn terminate(&mut self) -> Result<ExitStatus, String> {
+    pub fn terminate(&mut self) -> Result<ExitStatus, String> {
+        let name = self.name;
         if let Some(status) = self.exited() {
-            return Err(format!("gmemctl run had already exited ({status})"));
+            return Err(format!("{name} had already exited ({status})"));
         }
         let pid = self.child.id().to_string();
         let kill = Command::new("kill").args(["-TERM", &pid]).status();
@@ -232,7 +239,7 @@ impl Vmm {
             thread::sleep(Duration::from_millis(100));
         }
         Err(format!(
-            "gmemctl run did not exit within {} s of SIGTERM",
+            "{name} did not exit within {} s of SIGTERM",
             STOP_TIMEOUT.as_secs()
         ))
     }
@@ -249,7 +256,7 @@ impl Drop for Vmm {
 
 /// Polls the console until `until` holds. `Err` says why it never did: the timeout, the VMM
 /// exiting, a kernel panic, or the checker reporting an error.
-fn wait_console(
+pub(super) fn wait_console(
     vmm: &mut Vmm,
     timeout: Duration,
     what: &str,
@@ -270,7 +277,7 @@ fn wait_console(
             return Err(format!("the guest's checker failed: {e}"));
         }
         if let Some(status) = vmm.exited() {
-            return Err(format!("gmemctl run exited ({status}) before {what}"));
+            return Err(format!("{} exited ({status}) before {what}", vmm.name));
         }
         if Instant::now() >= deadline {
             return Err(format!(
@@ -284,7 +291,7 @@ fn wait_console(
 }
 
 /// Resident pages per node in a `NodeCounts` object, zero counts left out.
-fn nonzero_nodes(counts: &Value) -> Vec<(String, u64)> {
+pub(super) fn nonzero_nodes(counts: &Value) -> Vec<(String, u64)> {
     counts
         .as_object()
         .map(|o| {
@@ -534,7 +541,7 @@ fn move_guest(
 
 /// Why a Linux-guest test cannot run here (a skip or a failure), if it cannot: no gmemctl,
 /// a gmemctl without `run --kernel`, or an initramfs without the nested guest's files.
-fn preflight() -> Result<Option<Verdict>, GuestError> {
+pub(super) fn preflight() -> Result<Option<Verdict>, GuestError> {
     if !Path::new(GMEMCTL).exists() {
         return Ok(Some(Verdict {
             status: Status::Skip,
@@ -612,7 +619,14 @@ fn start_vmm(vcpus: u32, extra: &str) -> Result<(Vmm, String, Instant), GuestErr
             command: command.clone(),
             source,
         })?;
-    Ok((Vmm { child }, command, started))
+    Ok((
+        Vmm {
+            child,
+            name: "gmemctl run",
+        },
+        command,
+        started,
+    ))
 }
 
 /// Boots a Linux-guest test makes before it gives up on the nested guest coming up.
@@ -620,7 +634,7 @@ const BOOT_ATTEMPTS: usize = 2;
 
 /// What [`boot_until_ready`] hands back: the VMM, its command line, when it started, the
 /// outcome of waiting for `ready`, and the attempts that failed before it.
-type Booted = (Vmm, String, Instant, Result<Memcheck, String>, Vec<Value>);
+pub(super) type Booted = (Vmm, String, Instant, Result<Memcheck, String>, Vec<Value>);
 
 /// Starts `gmemctl run` and waits for the checker's `ready`. A boot that never gets there (the
 /// nested guest hung or reset in its own boot, before anything was moved) is tried once more:
@@ -629,7 +643,7 @@ type Booted = (Vmm, String, Instant, Result<Memcheck, String>, Vec<Value>);
 /// stray int3 and been booted again). Every failed attempt is returned with its console and
 /// VMM log, and announced on the console: the retry is reported, never hidden. Two failed
 /// boots fail the test.
-fn boot_until_ready(vcpus: u32, extra: &str) -> Result<Booted, GuestError> {
+pub(super) fn boot_until_ready(vcpus: u32, extra: &str) -> Result<Booted, GuestError> {
     let mut failed = Vec::new();
     loop {
         let (mut vmm, command, started) = start_vmm(vcpus, extra)?;
@@ -1143,13 +1157,14 @@ mod tests {
     #[test]
     fn reads_the_checkers_console_lines() {
         let console = "[    0.000000] Linux version 7.3.4\r\n\
-            GMEMLAB-MEMCHECK ready mib=64 uptime=41.27\r\n\
+            GMEMLAB-MEMCHECK ready mib=64 uptime=41.27 used_kib=81234\r\n\
             GMEMLAB-MEMCHECK sweep=1 ok\r\n\
             [   50.1] random: crng init done\r\n\
             GMEMLAB-MEMCHECK sweep=2 ok\r\n\
             GMEMLAB-MEMCHECK sweep=3 o";
         let m = parse_console(console);
         assert_eq!(m.ready, Some((64, Some(41.27))));
+        assert_eq!(m.used_kib, Some(81234));
         assert_eq!((m.sweeps, m.failed_sweeps, m.mismatch_lines), (2, 0, 0));
         assert!(m.errors.is_empty() && !m.kernel_panic);
 

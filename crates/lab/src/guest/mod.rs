@@ -1,11 +1,13 @@
 //! The in-guest agent: `gmem-lab guest <test>` runs one lab test and prints its result line.
 
 mod checks;
+mod foreign;
 mod full_node;
 mod gmemctl;
 mod kselftest;
 mod linux;
 mod patched;
+mod policy;
 mod upstream;
 
 use std::io::Write;
@@ -53,6 +55,13 @@ pub const BUILTIN: &[TestInfo] = &[
                 kernel refused",
     },
     TestInfo {
+        name: "gmem-policy",
+        about: "one guest_memfd, two mappings: a bind to node 1 through one reaches a write \
+                fault through the other and fallocate (KVM's allocation path) where the \
+                kernel keeps the policy per inode (from 6.19), and neither before; the other \
+                mapping's get_mempolicy shows it likewise",
+    },
+    TestInfo {
         name: "gmemctl-probe",
         about: "`/bin/gmemctl probe --json` sees 2 NUMA nodes, and native migration `no` with \
                 pages left unmoved (`yes` if the kernel advertises MIGRATABLE)",
@@ -89,6 +98,22 @@ pub const BUILTIN: &[TestInfo] = &[
         about: "the same nested Linux guest, booted once, has all its memory moved back and \
                 forth 20 times with remap and 20 times with refault, each move complete and \
                 content-checked, 2 sweeps after each: 0 resets, 0 mismatches",
+    },
+    TestInfo {
+        name: "foreign-linux-guest",
+        about: "the same nested Linux guest under `gmemctl run`, reached only by its PID: \
+                `gmemctl status PID` counts at least what the guest kernel handed out, more \
+                than the VMM maps; `gmemctl migrate --pid` moves all of it 0 -> 1 -> 0 \
+                (refault, stopping the VMM; native on a kernel with MIGRATABLE), complete, \
+                content-checked, every page on the target, 2 sweeps after each, 0 mismatches",
+    },
+    TestInfo {
+        name: "firecracker",
+        about: "Firecracker (guest_memfd branch, /bin/firecracker) boots the nested Linux \
+                guest on one guest_memfd; by its PID, status counts what the guest used and \
+                migrate --pid moves all of it 0 -> 1 -> 0 by stop-the-VMM refault with 0 \
+                mismatches; on a kernel with MIGRATABLE, native is refused for it, pages \
+                unmoved",
     },
     TestInfo {
         name: "linux-guest-reboot",
@@ -143,12 +168,15 @@ fn dispatch(name: &str) -> Result<Verdict, GuestError> {
         "nodes" => checks::nodes(),
         "anon-control" => checks::anon_control(),
         "gmem-stock" => checks::gmem_stock(),
+        "gmem-policy" => policy::gmem_policy(),
         "gmemctl-probe" => gmemctl::gmemctl_probe(),
         "gmemctl-selftest" => gmemctl::gmemctl_selftest(),
         "gmemctl-demo" => gmemctl::gmemctl_demo(),
         "full-node" => full_node::full_node(),
         LINUX_GUEST => linux::linux_guest("remap", 2, linux::CpuTables::Acpi),
         "linux-guest-reboot" => linux::linux_guest_reboot(),
+        "foreign-linux-guest" => foreign::foreign_linux_guest(),
+        "firecracker" => foreign::firecracker(),
         CHURN => linux::linux_guest_churn(&["remap", "refault"], false),
         CHURN_TRACED => linux::linux_guest_churn(&["remap", "refault"], true),
         REBOOTS => linux::linux_guest_reboots(),

@@ -25,10 +25,6 @@ use crate::table::mib;
 /// journal and `gmemctl recover` lose nothing.
 const KILL_AT_VARIABLE: &str = "GMEMCTL_TEST_KILL_AT";
 
-/// The first kernel that keeps a guest_memfd's NUMA policy per inode (shared by every
-/// mapping and by KVM's own faults) rather than per mapping (pull "kvm-x86-gmem-6.19").
-const PER_INODE_POLICY_SINCE: (u32, u32) = (6, 19);
-
 /// One guest_memfd moved.
 #[derive(Debug, Serialize)]
 struct GmemMigration {
@@ -302,10 +298,8 @@ fn future_allocations(
     attached: &[AttachedGmem],
     moved: &[GmemMigration],
 ) -> FutureAllocations {
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into());
-    let per_inode = kernel_version(&kernel).is_some_and(|v| v >= PER_INODE_POLICY_SINCE);
+    let kernel = gmem::memory::kernel_release();
+    let per_inode = gmem::memory::policy_is_per_inode(&kernel).unwrap_or(false);
     let numa_maps = NumaMaps::read(pid).ok();
     let vmm_mapping_policies: Vec<String> = attached
         .iter()
@@ -384,12 +378,6 @@ fn future_allocations(
     }
 }
 
-/// (major, minor) of a kernel release such as "6.18.44-fc-v657".
-fn kernel_version(release: &str) -> Option<(u32, u32)> {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
-}
-
 fn render(result: &PidMigration, json: &Value) -> String {
     let mut out = format!(
         "process {} {}: {}\n",
@@ -451,18 +439,4 @@ fn render(result: &PidMigration, json: &Value) -> String {
         ),
     );
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_kernel_versions() {
-        assert_eq!(kernel_version("6.18.44-fc-v657"), Some((6, 18)));
-        assert_eq!(kernel_version("7.3.4+deb13-cloud-amd64"), Some((7, 3)));
-        assert_eq!(kernel_version("6.19"), Some((6, 19)));
-        assert_eq!(kernel_version("garbage"), None);
-        assert!((6, 18) < PER_INODE_POLICY_SINCE && (7, 3) >= PER_INODE_POLICY_SINCE);
-    }
 }
