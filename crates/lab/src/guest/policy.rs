@@ -7,6 +7,7 @@
 //! - a write fault through the VMM's mapping;
 //! - fallocate, which allocates with no mapping at all, through the same kvm_gmem_get_folio
 //!   that KVM's own faults for the guest use;
+//!
 //! and the policy the VMM's mapping reports (get_mempolicy MPOL_F_ADDR). Node 1 means the
 //! policy is the inode's; node 0 means it stayed with gmemctl's mapping.
 
