@@ -6,6 +6,7 @@ use gmem::memory::{
     ChunkLayout, GmemFlags, GuestMemfd, GuestMemory, MemoryError, PageLocation, Policy, page_size,
 };
 use gmem::numa::{NodeId, NodeMask, NumaMaps, Pagemap, Topology};
+use gmem::sys::mempolicy::{self, MPOL_BIND};
 use gmem::sys::sched;
 use gmem::testing::{can_read_pfns, kvm_or_skip};
 
@@ -264,4 +265,34 @@ fn confidential_gmem_is_never_mapped() {
     expect_user_error(mem.mapping().map(|_| ()), "treated as confidential");
     expect_user_error(mem.gmem().map().map(|_| ()), "never map or copy");
     expect_user_error(mem.read_guest(0, &mut [0u8; 8]), "confidential");
+}
+
+/// What `migrate --pid`'s report claims about a VMM's future allocations rests on this: a bind
+/// made through one mapping of a guest_memfd shows at another mapping of it only where the
+/// kernel keeps the policy per inode (6.19 on); before, it stays with the mapping it was set
+/// through. On one node only the visibility can be told; the lab's `gmem-policy` test also
+/// checks where the other mapping's faults and fallocate land.
+#[test]
+fn a_policy_set_through_one_mapping_shows_in_another_only_where_it_is_per_inode() {
+    let Some((_kvm, vm)) = kvm_or_skip("a_policy_set_through_one_mapping_shows_in_another") else {
+        return;
+    };
+    let gmem = GuestMemfd::create(&vm, 2 * MIB, GmemFlags::HOST_MAPPABLE).unwrap();
+    let (vmm, ours) = (gmem.map().unwrap(), gmem.map().unwrap());
+    let node = NodeMask::single(first_node());
+    let len = ours.len();
+    mempolicy::mbind(&ours, 0, len, MPOL_BIND, node.as_raw(), 0).unwrap();
+    let (mode, nodes) = mempolicy::get_mempolicy_at(&vmm, 0).unwrap();
+    let seen = mode == MPOL_BIND && NodeMask::from_raw(nodes) == node;
+    let release = gmem::memory::kernel_release();
+    let per_inode = gmem::memory::policy_is_per_inode(&release).unwrap();
+    assert_eq!(
+        seen,
+        per_inode,
+        "on {release}, the other mapping reports mode {mode} nodes {}",
+        NodeMask::from_raw(nodes)
+    );
+    // The mapping it was set through always has it.
+    let (mode, _) = mempolicy::get_mempolicy_at(&ours, 0).unwrap();
+    assert_eq!(mode, MPOL_BIND);
 }

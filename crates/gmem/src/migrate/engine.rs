@@ -341,7 +341,7 @@ impl<'a> Migrator<'a> {
             recorded.set(recorded.get() + 1);
             record(report, pages)
         };
-        match self.run_mechanism(mechanism, &cx, &plan.steps, request, &mut counted) {
+        let ran = match self.run_mechanism(mechanism, &cx, &plan.steps, request, &mut counted) {
             Err(MigrateError::NativeUnsupported { evidence })
                 if tentative && recorded.get() == 0 =>
             {
@@ -356,13 +356,28 @@ impl<'a> Migrator<'a> {
                     &plan.steps,
                     request,
                     &mut counted,
-                )?;
+                )
             }
-            other => other?,
-        }
-        let mechanism = running.get();
+            other => other,
+        };
         let attempted: std::collections::BTreeSet<u64> =
             reports.iter().map(|r| r.guest_offset).collect();
+        // A step moved when it was started and every batch of it that ran moved (a failed
+        // batch ends the migration, so the batches after it never ran).
+        let moved = |step: &Step| {
+            let range = step.guest_offset..step.guest_offset + step.len;
+            let mut batches = reports.iter().filter(|r| range.contains(&r.guest_offset));
+            attempted.contains(&step.guest_offset)
+                && batches.all(|r| r.outcome == StepOutcome::Moved)
+        };
+        if let Err(e) = ran {
+            // The ranges were bound before the move; what did not move must not stay bound
+            // to a target it never reached (a refused native left a VMM's whole gmem bound
+            // to node 1 with every page on node 0).
+            self.apply_future_policy(request, &plan, moved)?;
+            return Err(e);
+        }
+        let mechanism = running.get();
         let not_attempted = plan
             .steps
             .iter()
@@ -377,14 +392,6 @@ impl<'a> Migrator<'a> {
         // Again after, for the steps that moved (remap has moved chunks to other guest_memfd
         // offsets). The others go back to the default policy: binding a range to a target
         // that could not take it would make the guest's next first touch there an OOM kill.
-        // A step moved when it was started and every batch of it that ran moved (a failed
-        // batch ends the migration, so the batches after it never ran).
-        let moved = |step: &Step| {
-            let range = step.guest_offset..step.guest_offset + step.len;
-            let mut batches = reports.iter().filter(|r| range.contains(&r.guest_offset));
-            attempted.contains(&step.guest_offset)
-                && batches.all(|r| r.outcome == StepOutcome::Moved)
-        };
         self.apply_future_policy(request, &plan, moved)?;
         let after = self.memory.guest_placement()?;
         Ok(self.finish(

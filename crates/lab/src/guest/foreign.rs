@@ -534,6 +534,20 @@ fn native_refused(pid: u32, problems: &mut Vec<String>) -> Result<Value, GuestEr
             tail(said.trim(), 500)
         ));
     }
+    // The move bound the gmem to the target before it was refused; that must be undone, or
+    // the VMM's next allocations go where none of its memory is.
+    let policy_after = after
+        .as_ref()
+        .map(|s| s["guest_memfds"][0]["policy"].clone())
+        .unwrap_or(Value::Null);
+    if policy_after
+        .as_str()
+        .is_some_and(|p| p.contains(&format!("bind:{node}")))
+    {
+        problems.push(format!(
+            "the refused native move left the VMM's mapping with policy {policy_after}"
+        ));
+    }
     if moved_any {
         problems.push(format!(
             "the refused native move left pages on node {node}: {}",
@@ -546,6 +560,7 @@ fn native_refused(pid: u32, problems: &mut Vec<String>) -> Result<Value, GuestEr
         "said": tail(said.trim(), 800),
         "before": nodes(&before),
         "after": nodes(&after),
+        "policy_after": policy_after,
     }))
 }
 
