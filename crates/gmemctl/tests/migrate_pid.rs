@@ -378,3 +378,101 @@ fn migrate_pid_native_needs_no_stop_and_says_when_the_kernel_refuses() {
     }
     assert_eq!(holder.guest_mismatches(), 0);
 }
+
+#[test]
+fn migrate_pid_stops_cleanly_on_sigint_with_the_vmm_running_and_every_byte_in_place() {
+    if kvm_or_skip("migrate_pid_stops_cleanly_on_sigint").is_none() {
+        return;
+    }
+    let dir = TempDir::new("migrate-pid-sigint");
+    let sock = dir.0.join("api.sock");
+    let journal_dir = dir.0.join("journal");
+    let vm = RunningVm::start(&sock, &["--mem", "64M"]);
+    let before = settled_view(vm.pid, false);
+    // Paced to a 5% stop share, the move takes minutes: the SIGINT comes mid-way.
+    let pid = vm.pid.to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gmemctl"))
+        .args([
+            "migrate",
+            "--pid",
+            &pid,
+            "--policy",
+            "bind",
+            "--nodes",
+            "0",
+            "--relocate-in-place",
+            "--max-stop-share",
+            "0.05",
+            "--json",
+            "--journal-dir",
+        ])
+        .arg(&journal_dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its progress lines say when pages have begun to move.
+    let stderr_pipe = child.stderr.take().unwrap();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stderr_pipe).lines() {
+            let line = line.unwrap_or_default();
+            if line.contains("% (") && !line.contains(" 0/") {
+                let _ = seen_tx.send(());
+            }
+            lines.push(line);
+        }
+        lines.join("\n")
+    });
+    seen_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("no page moved within 60 s");
+    signal(child.id(), "INT");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "gmemctl did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
+    let err = reader.join().unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("stopped on request"), "{err}");
+    assert!(!is_stopped(vm.pid), "the VMM was left stopped");
+    let journal_left: Vec<_> = std::fs::read_dir(&journal_dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(journal_left.is_empty(), "journal left: {journal_left:?}");
+
+    let result: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(result["interrupted"], true, "{result:#}");
+    assert_eq!(result["complete"], false);
+    let report = &result["guest_memfds"][0]["report"];
+    let (moved, planned) = (
+        report["pages_moved"].as_u64().unwrap(),
+        report["pages_planned"].as_u64().unwrap(),
+    );
+    assert!(moved > 0 && moved < planned, "{moved} of {planned}");
+    assert_eq!(report["content_mismatches"], 0);
+    assert_eq!(report["pfns_changed"], moved, "{report:#}");
+    assert!(
+        report["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("stopped on request")),
+        "{report:#}"
+    );
+    // Every page is still there with its bytes, moved or not, and the guest agrees.
+    let after = outside_view(vm.pid, false);
+    assert_eq!(resident(&after), resident(&before));
+    assert_guest_clean_and_running(&sock);
+    let (code, err) = vm.terminate();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("with 0 mismatches"), "{err}");
+}

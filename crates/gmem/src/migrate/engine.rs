@@ -2,6 +2,7 @@
 //! step, and reports what moved and what did not.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -105,6 +106,7 @@ pub struct Migrator<'a> {
     copier: Option<&'a dyn ContentCopier>,
     journal: Option<&'a dyn BatchJournal>,
     progress: Option<&'a (dyn Fn(&Progress) + Sync)>,
+    stop_request: Option<&'a AtomicBool>,
 }
 
 impl std::fmt::Debug for Migrator<'_> {
@@ -132,7 +134,16 @@ impl<'a> Migrator<'a> {
             copier: None,
             journal: None,
             progress: None,
+            stop_request: None,
         }
+    }
+
+    /// Ends the migration after the step in flight once `flag` is set (an operator's
+    /// SIGINT): that step finishes, is verified and reported, memory and guest as after any
+    /// step, and the report says the rest was not attempted on request.
+    pub fn with_stop_request(mut self, flag: &'a AtomicBool) -> Self {
+        self.stop_request = Some(flag);
+        self
     }
 
     /// Keeps refault's batches in `journal` while they hold the only copy, so that this
@@ -306,6 +317,7 @@ impl<'a> Migrator<'a> {
         let mut stops: Vec<Duration> = Vec::new();
         let mut pages_moved = 0u64;
         let running = Cell::new(mechanism);
+        let interrupted = Cell::new(false);
         // Records one step's report; false once a step failed (the migration stops there).
         let mut record = |mut report: StepReport, pages_to_move: u64| -> bool {
             stops.extend(report.stop);
@@ -328,6 +340,10 @@ impl<'a> Migrator<'a> {
                     pages_planned: plan.pages_to_move,
                     steps: reports.len() as u64,
                 });
+            }
+            if ok && self.stop_request.is_some_and(|f| f.load(Ordering::Relaxed)) {
+                interrupted.set(true);
+                return false;
             }
             ok
         };
@@ -385,9 +401,18 @@ impl<'a> Migrator<'a> {
             .count();
         let stopped_early = (not_attempted > 0).then_some(not_attempted);
         if let Some(left) = stopped_early {
-            notes.push(format!(
-                "stopped after the first failed step; {left} later planned steps were not attempted"
-            ));
+            notes.push(if interrupted.get() {
+                format!(
+                    "stopped on request (SIGINT or SIGTERM) after {} steps; {left} later \
+                     planned steps were not attempted",
+                    reports.len()
+                )
+            } else {
+                format!(
+                    "stopped after the first failed step; {left} later planned steps were not \
+                     attempted"
+                )
+            });
         }
         // Again after, for the steps that moved (remap has moved chunks to other guest_memfd
         // offsets). The others go back to the default policy: binding a range to a target

@@ -4,6 +4,7 @@
 //! `migrate --api-sock`, with the VMM's threads stopped for each batch that needs it.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use gmem::foreign::{FoundState, Journal, StopMethod, VmmStop};
@@ -15,6 +16,7 @@ use gmem::migrate::{
 use gmem::numa::NumaMaps;
 use serde::Serialize;
 use serde_json::Value;
+use signal_hook::consts::{SIGINT, SIGTERM};
 use vmm::api::MigrateBody;
 
 use super::{Args, ProgressBar, render_outcome, render_report, request_text, row};
@@ -61,6 +63,8 @@ struct PidMigration {
     found: FoundState,
     guest_memfds: Vec<GmemMigration>,
     future_allocations: FutureAllocations,
+    /// A SIGINT or SIGTERM ended the migration early, after the step in flight.
+    interrupted: bool,
     /// Every planned page of every guest_memfd moved and verified.
     complete: bool,
 }
@@ -130,7 +134,24 @@ pub(super) fn run(kvm_device: &Path, pid: u32, args: &Args) -> Result<(), CliErr
     let scratch_vm = Arc::new(gmem::kvm::create_vm(&kvm)?);
     let mut journal = Journal::begin(&args.journal_dir, &stopper, args.journal_sync.into())?;
     journal.kill_at(kill_at);
-    let moved = migrate_each(pid, &chosen, &stopper, &journal, &scratch_vm, &request);
+    // The first SIGINT or SIGTERM ends the migration after the step in flight, the VMM
+    // resumed and every byte in place; a second one exits at once, and a batch in flight
+    // then stays in the journal for `gmemctl recover`.
+    let interrupt = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&interrupt))
+            .and_then(|_| signal_hook::flag::register(signal, Arc::clone(&interrupt)))
+            .map_err(CliError::InstallSignalHandler)?;
+    }
+    let moved = migrate_each(
+        pid,
+        &chosen,
+        &stopper,
+        &journal,
+        &scratch_vm,
+        &request,
+        &interrupt,
+    );
     let journal_removed = journal.finish()?;
     let moved = match moved {
         Ok(moved) => moved,
@@ -146,9 +167,12 @@ pub(super) fn run(kvm_device: &Path, pid: u32, args: &Args) -> Result<(), CliErr
         Err(e) => return Err(e.into()),
     };
     let future_allocations = future_allocations(pid, &request, &attached, &moved);
-    let complete = moved
-        .iter()
-        .all(|m| m.report.complete && m.report.content_mismatches == 0);
+    let interrupted = interrupt.load(Ordering::Relaxed);
+    let complete = !interrupted
+        && moved.len() == chosen.len()
+        && moved
+            .iter()
+            .all(|m| m.report.complete && m.report.content_mismatches == 0);
     let result = PidMigration {
         pid,
         request: body,
@@ -156,6 +180,7 @@ pub(super) fn run(kvm_device: &Path, pid: u32, args: &Args) -> Result<(), CliErr
         found: stopper.found(),
         guest_memfds: moved,
         future_allocations,
+        interrupted,
         complete,
     };
     if args.json {
@@ -167,7 +192,12 @@ pub(super) fn run(kvm_device: &Path, pid: u32, args: &Args) -> Result<(), CliErr
         Ok(())
     } else {
         Err(CliError::CheckFailed(format!(
-            "the migration of process {pid} is incomplete: {}",
+            "the migration of process {pid} is incomplete{}: {}",
+            if interrupted {
+                " (stopped on request: SIGINT or SIGTERM)"
+            } else {
+                ""
+            },
             result
                 .guest_memfds
                 .iter()
@@ -192,9 +222,13 @@ fn migrate_each(
     journal: &Journal,
     scratch_vm: &Arc<kvm_ioctls::VmFd>,
     request: &MigrationRequest,
+    interrupt: &AtomicBool,
 ) -> Result<Vec<GmemMigration>, MigrateError> {
     let mut moved = Vec::new();
     for &gmem in chosen {
+        if interrupt.load(Ordering::Relaxed) {
+            break;
+        }
         let memory = ForeignMemory::new(gmem, Arc::clone(scratch_vm));
         let gmem_journal = journal.for_gmem(gmem);
         let bar = Mutex::new(ProgressBar::new(format!(
@@ -209,6 +243,7 @@ fn migrate_each(
         let result = Migrator::over(&memory, stopper)
             .with_journal(&gmem_journal)
             .with_progress(&progress)
+            .with_stop_request(interrupt)
             .migrate(request);
         lock(&bar).finish();
         let report = result?;
