@@ -445,16 +445,23 @@ fn a_memory_cgroup_that_runs_out_loses_nothing() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        // A fault over the limit would wait forever: never let that hang the suite.
-        let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        while child.try_wait().unwrap().is_none() {
-            if std::time::Instant::now() > deadline {
-                child.kill().unwrap();
-                break;
+        // A fault over the limit would wait forever: never let that hang the suite. Its
+        // output is read while it runs: a child blocked on a full pipe (a long panic
+        // message) would look like that hang and hide why it failed.
+        let pid = child.id().to_string();
+        let (done, output) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(child.wait_with_output());
+        });
+        let out = match output.recv_timeout(Duration::from_secs(120)) {
+            Ok(out) => out.unwrap(),
+            Err(_) => {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &pid])
+                    .status();
+                output.recv().unwrap().unwrap()
             }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let out = child.wait_with_output().unwrap();
+        };
         let log = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),

@@ -531,6 +531,17 @@ impl<'a> Migrator<'a> {
                 request.max_stop.as_micros(),
                 shortest.as_micros()
             ));
+            let mut entries: Vec<Duration> = reports.iter().filter_map(|r| r.stop_entry).collect();
+            entries.sort();
+            if let Some(&median) = entries.get(entries.len() / 2)
+                && median.as_secs_f64() >= request.max_stop.as_secs_f64() * 0.8
+            {
+                notes.push(format!(
+                    "getting the guest stopped took {} us by itself (median), more than the \
+                     budget leaves: batches were sized so that their work takes about as long",
+                    median.as_micros()
+                ));
+            }
         }
         let pages_moved: u64 = reports.iter().map(|r| r.pages_moved).sum();
         let bytes_moved = pages_moved * page_size();
@@ -699,7 +710,8 @@ fn run_batched(
             )?;
             index += 1;
             if let Some(stop) = report.stop {
-                batch_pages = next_batch(batch.len, stop, max_stop);
+                let entry = report.stop_entry.unwrap_or_default();
+                batch_pages = next_batch(batch.len, stop, entry, max_stop);
             }
             if !record(report, batch.pages_to_move) {
                 return Ok(());
@@ -709,11 +721,23 @@ fn run_batched(
     Ok(())
 }
 
-/// The next batch size, in pages, that should fit the stop budget: the last batch's rate
-/// times 80% of the budget, within [MIN_BATCH_PAGES, MAX_BATCH].
-fn next_batch(len: u64, stop: Duration, budget: Duration) -> u64 {
-    let rate = len as f64 / stop.as_secs_f64().max(1e-6);
-    let bytes = rate * budget.as_secs_f64() * 0.8;
+/// The next batch size, in pages, that should fit the stop budget, within [MIN_BATCH_PAGES,
+/// MAX_BATCH]. A stop is `entry` (getting the pause granted: the same for any batch) plus
+/// work that grows with the batch; the last batch's work rate fills what 80% of the budget
+/// leaves after the entry. Where the entry alone takes all of that (stopping every thread of
+/// a foreign VMM: 0.5-5 ms), no batch fits the budget, and a batch whose work takes as long
+/// as the entry keeps each stop within about twice the least possible while moving far more
+/// per stop than the smallest batch would.
+fn next_batch(len: u64, stop: Duration, entry: Duration, budget: Duration) -> u64 {
+    let work = stop.saturating_sub(entry).as_secs_f64().max(1e-6);
+    let rate = len as f64 / work;
+    let (usable, entry) = (budget.as_secs_f64() * 0.8, entry.as_secs_f64());
+    let room = if entry < usable {
+        usable - entry
+    } else {
+        entry
+    };
+    let bytes = rate * room;
     ((bytes as u64) / page_size()).clamp(MIN_BATCH_PAGES, MAX_BATCH / page_size())
 }
 
@@ -724,21 +748,27 @@ mod tests {
     #[test]
     fn batches_follow_the_budget() {
         // 256 KiB took 1 ms: at a 1 ms budget the next batch is 80% of that.
+        let ms = Duration::from_millis;
+        let us = Duration::from_micros;
+        assert_eq!(next_batch(256 << 10, ms(1), Duration::ZERO, ms(1)), 51);
+        // 0.3 ms of it was the pause: the other 0.7 ms moved 256 KiB, and 0.5 ms of the 0.8
+        // left after the pause moves 183 KiB (45 pages).
+        assert_eq!(next_batch(256 << 10, ms(1), us(300), ms(1)), 45);
+        // A pause of 5 ms against a 1 ms budget: the work may take as long as the pause.
+        // 64 KiB took 0.2 ms of work, so 5 ms of work moves 1.6 MiB (400 pages).
+        assert_eq!(next_batch(64 << 10, us(5200), ms(5), ms(1)), 400);
+        // A pause just inside the budget leaves room for the smallest batch only.
         assert_eq!(
-            next_batch(
-                256 << 10,
-                Duration::from_millis(1),
-                Duration::from_millis(1)
-            ),
-            51
+            next_batch(64 << 10, us(900), us(700), ms(1)),
+            MIN_BATCH_PAGES
         );
         // Very slow steps bottom out; very fast ones are capped by the bounce buffer.
         assert_eq!(
-            next_batch(4096, Duration::from_secs(1), Duration::from_millis(1)),
+            next_batch(4096, Duration::from_secs(1), Duration::ZERO, ms(1)),
             MIN_BATCH_PAGES
         );
         assert_eq!(
-            next_batch(4 << 20, Duration::from_micros(1), Duration::from_millis(10)),
+            next_batch(4 << 20, us(1), Duration::ZERO, ms(10)),
             MAX_BATCH / page_size()
         );
     }

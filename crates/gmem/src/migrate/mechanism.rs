@@ -93,6 +93,7 @@ pub(crate) fn report(step: &Step, outcome: StepOutcome) -> StepReport {
         target: step.target,
         outcome,
         stop: None,
+        stop_entry: None,
         pages_moved: 0,
         pages_off_target: 0,
         pfns_changed: None,

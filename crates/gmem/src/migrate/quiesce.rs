@@ -43,6 +43,8 @@ impl Quiesce for NothingToQuiesce {
 pub struct Paused<'a, Q: Quiesce + ?Sized> {
     quiesce: &'a Q,
     started: Instant,
+    /// How long the pause request took to be granted: the fixed cost of every stop.
+    entry: Duration,
     resumed: bool,
 }
 
@@ -54,8 +56,15 @@ impl<'a, Q: Quiesce + ?Sized> Paused<'a, Q> {
         Ok(Paused {
             quiesce,
             started,
+            entry: started.elapsed(),
             resumed: false,
         })
+    }
+
+    /// How long the pause took to be granted (a vCPU kick, every thread of a foreign VMM
+    /// seen stopped): the part of the stop no smaller batch makes shorter.
+    pub fn entry(&self) -> Duration {
+        self.entry
     }
 
     /// Resumes the guest and returns how long it was stopped: from the pause request to

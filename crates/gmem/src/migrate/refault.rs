@@ -325,12 +325,14 @@ impl Mechanism for Refault<'_> {
             cx.quiesce
                 .prefault(cx.memory.layout().base_gpa + step.guest_offset, len);
         }
+        let entry = paused.entry();
         let stop = paused.resume()?;
         self.scratch.release_all();
         let _ = sched::set_affinity(&affinity);
 
         let mut report = report(step, outcome);
         report.content = content;
+        report.stop_entry = Some(entry);
         check_result(
             cx,
             &mut report,

@@ -147,6 +147,9 @@ pub struct StepReport {
     pub outcome: StepOutcome,
     /// How long the guest was stopped for it, if it was.
     pub stop: Option<Duration>,
+    /// Of that stop, how long the pause itself took to be granted (batch sizing only).
+    #[serde(skip)]
+    pub stop_entry: Option<Duration>,
     /// Pages now on the target that were moved by this step.
     pub pages_moved: u64,
     /// Resident pages of the range not on the target afterwards (placement check).
