@@ -438,7 +438,7 @@ fn a_memory_cgroup_that_runs_out_loses_nothing() {
         return;
     }
     for mechanism in ["refault", "remap"] {
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
             .env("GMEM_CGROUP_CHILD", mechanism)
             .stdout(std::process::Stdio::piped())
