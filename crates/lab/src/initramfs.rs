@@ -115,7 +115,16 @@ for ko in /lib/modules/gmemlab/*.ko; do
     if insmod "$ko" $params; then st=loaded; else st=failed; fi
     echo "GMEMLAB-MODULE {{\"module\":\"$name\",\"status\":\"$st\"}}"
 done
+# After a crash of this kernel the runner boots it again with gmemlab.resume_at=N: the first N
+# tests have reported already and are not run twice.
+resume_at=0
+for arg in $(cat /proc/cmdline); do
+    case $arg in gmemlab.resume_at=*) resume_at=${{arg#*=}} ;; esac
+done
+i=0
 for t in {tests}; do
+    i=$((i + 1))
+    [ "$i" -le "$resume_at" ] && continue
     /bin/gmem-lab guest "$t"
     rc=$?
     [ "$rc" -eq 0 ] || echo "GMEMLAB-EXIT {{\"test\":\"$t\",\"code\":$rc}}"
@@ -319,5 +328,45 @@ mod tests {
         let done = s.find("echo GMEMLAB-DONE").unwrap();
         assert!(s.find("poweroff -f").unwrap() > done);
         assert!(s.find("insmod").unwrap() < s.find("/bin/gmem-lab guest").unwrap());
+    }
+
+    /// The test loop of /init, run by sh against a stand-in command line: with
+    /// `gmemlab.resume_at=N` the first N tests are skipped.
+    fn tests_run_by_init(cmdline: &str) -> Vec<String> {
+        let s = init_script(&["nodes".into(), "a".into(), "exec:/bin/x -v".into()]);
+        let start = s.find("resume_at=0").unwrap();
+        let end = s.find("echo \"----- guest dmesg").unwrap();
+        static CALLS: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "gmem-lab-init-{}-{}",
+            std::process::id(),
+            CALLS.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("cmdline");
+        fs::write(&file, cmdline).unwrap();
+        let body = s[start..end]
+            .replace("/proc/cmdline", &file.display().to_string())
+            .replace("/bin/gmem-lab guest", "echo");
+        let out = Command::new("sh").arg("-c").arg(body).output().unwrap();
+        let _ = fs::remove_dir_all(&dir);
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn init_resumes_after_the_tests_that_reported() {
+        assert_eq!(
+            tests_run_by_init("console=ttyS0 quiet"),
+            ["nodes", "a", "exec:/bin/x -v"]
+        );
+        assert_eq!(
+            tests_run_by_init("console=ttyS0 gmemlab.resume_at=1 quiet"),
+            ["a", "exec:/bin/x -v"]
+        );
+        assert!(tests_run_by_init("gmemlab.resume_at=3").is_empty());
     }
 }

@@ -363,7 +363,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
         append.push(' ');
         append.push_str(extra);
     }
-    let machine = Machine {
+    let mut machine = Machine {
         qemu: prepared.qemu.clone(),
         kernel: prepared.kernel.clone(),
         initrd: prepared.initrd.clone(),
@@ -377,8 +377,15 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
         reset_log: dir.join("qemu-reset.log"),
     };
     let mut crashes = Vec::new();
+    // Results of the tests that finished before the lab's kernel crashed: kept, and not run
+    // again when it boots once more.
+    let mut carried: Vec<TestResult> = Vec::new();
+    let base_append = machine.append.clone();
     let (boot, mut outcome) = loop {
-        let mut collector = Collector::default();
+        let mut collector = Collector {
+            results: carried.clone(),
+            ..Collector::default()
+        };
         let boot = machine.boot(|line| {
             if opts.console {
                 eprintln!("guest| {line}");
@@ -390,13 +397,31 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
             }
             done
         })?;
+        // The tests that reported, in order, before the first that did not.
+        let reported = opts
+            .tests
+            .iter()
+            .take_while(|t| collector.results.iter().any(|r| &r.test == *t))
+            .count();
+        let finished: Vec<TestResult> = opts.tests[..reported]
+            .iter()
+            .filter_map(|t| collector.results.iter().find(|r| &r.test == t).cloned())
+            .collect();
         let outcome = collector.finish(&opts.tests);
         let crash = (!boot.saw_done && !boot.timed_out)
             .then(|| lab_kernel_crash(&machine.serial_log))
             .flatten();
         match crash {
             Some(line) if crashes.len() + 1 < BOOT_ATTEMPTS => {
-                eprintln!("gmem-lab: the lab's kernel crashed ({line}); booting it again");
+                let resume = match opts.tests.get(reported) {
+                    Some(next) => format!("resuming at {next}, {reported} tests done"),
+                    None => "every test had reported".into(),
+                };
+                eprintln!(
+                    "gmem-lab: the lab's kernel crashed ({line}); booting it again, {resume}"
+                );
+                carried = finished;
+                machine.append = format!("{base_append} gmemlab.resume_at={reported}");
                 crashes.push(line);
                 let kept = dir.join(format!("serial-attempt-{}.log", crashes.len()));
                 let _ = fs::rename(&machine.serial_log, kept);
