@@ -38,6 +38,14 @@ pub enum KvmError {
         #[source]
         source: io::Error,
     },
+    /// The path opened, but what is behind it does not answer KVM's ioctls.
+    #[error("{path} is not a KVM device: KVM_GET_API_VERSION gave {version}, not 12")]
+    NotKvm {
+        /// The device path tried.
+        path: PathBuf,
+        /// What the ioctl returned (-1: the device has no such ioctl).
+        version: i32,
+    },
     /// KVM_CREATE_VM failed.
     #[error("KVM_CREATE_VM failed")]
     CreateVm(#[source] kvm_ioctls::Error),
@@ -48,15 +56,18 @@ impl KvmError {
     pub fn is_user_error(&self) -> bool {
         matches!(
             self,
-            KvmError::Missing { .. } | KvmError::PermissionDenied { .. }
+            KvmError::Missing { .. } | KvmError::PermissionDenied { .. } | KvmError::NotKvm { .. }
         )
     }
 }
 
-/// Opens the KVM device at `path`.
+/// KVM_GET_API_VERSION has returned 12 since Linux 2.6.22.
+pub const KVM_API_VERSION: i32 = 12;
+
+/// Opens the KVM device at `path`, and checks that it is one (KVM_GET_API_VERSION).
 pub fn open(path: &Path) -> Result<Kvm, KvmError> {
     let path_buf = path.to_owned();
-    Kvm::new_with_path(path_as_cstring(path)?).map_err(|e| {
+    let kvm = Kvm::new_with_path(path_as_cstring(path)?).map_err(|e| {
         let source = io::Error::from_raw_os_error(e.errno());
         match source.kind() {
             io::ErrorKind::NotFound => KvmError::Missing { path: path_buf },
@@ -66,7 +77,14 @@ pub fn open(path: &Path) -> Result<Kvm, KvmError> {
                 source,
             },
         }
-    })
+    })?;
+    match kvm.get_api_version() {
+        KVM_API_VERSION => Ok(kvm),
+        version => Err(KvmError::NotKvm {
+            path: path.to_owned(),
+            version,
+        }),
+    }
 }
 
 fn path_as_cstring(path: &Path) -> Result<std::ffi::CString, KvmError> {

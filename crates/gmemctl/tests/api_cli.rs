@@ -309,3 +309,37 @@ fn run_refuses_kernels_it_cannot_boot_with_exit_code_2() {
     }
     assert!(!Path::new(sock).exists());
 }
+
+/// `--kvm-device` reaches the VM: `gmemctl run` runs its guest on the KVM device node it is
+/// given (here a second node for KVM's 10:232, as a jail's bind mount or mknod would make);
+/// a path that is not KVM, or is missing, is a user error naming it.
+#[test]
+fn run_uses_the_kvm_device_it_is_given() {
+    if kvm_or_skip("run_uses_the_kvm_device_it_is_given").is_none() {
+        return;
+    }
+    let dir = TempDir::new("kvm-device");
+    let node = dir.0.join("kvm");
+    let made = std::process::Command::new("mknod")
+        .arg(&node)
+        .args(["c", "10", "232"])
+        .status()
+        .unwrap();
+    assert!(made.success(), "mknod {} c 10 232 failed", node.display());
+    let sock = dir.0.join("api.sock");
+    let vm = RunningVm::start(
+        &sock,
+        &["--mem", "32M", "--kvm-device", node.to_str().unwrap()],
+    );
+    let out = gmemctl(&["status", "--api-sock", vm.sock(), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (code, err) = vm.terminate();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("with 0 mismatches"), "{err}");
+
+    // The path is what run opens: a device that is not KVM is refused, by name.
+    let out = gmemctl(&["--kvm-device", "/dev/null", "run", "--mem", "32M"]);
+    assert_user_error(&out, "/dev/null is not a KVM device");
+    let out = gmemctl(&["--kvm-device", "/nonexistent/kvm", "run", "--mem", "32M"]);
+    assert_user_error(&out, "/nonexistent/kvm does not exist");
+}

@@ -158,7 +158,7 @@ fn bad_flag_values_are_user_errors() {
         .args(["--kvm-device", "/nonexistent/kvm", "demo"])
         .output()
         .unwrap();
-    assert_one_line_user_error(&out, "--kvm-device /nonexistent/kvm is not supported");
+    assert_one_line_user_error(&out, "/nonexistent/kvm does not exist");
     let out = demo("demo_bad_stop", &["--max-stop", "0ms"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let out = demo("demo_bad_mechanism", &["--mechanism", "teleport"]);

@@ -38,10 +38,15 @@ impl Vm {
     /// built-in one, or the Linux kernel of `config.linux`) and starts one thread per vCPU.
     /// Returns as soon as the threads run.
     pub fn start(config: VmConfig) -> Result<Vm, VmError> {
+        Self::start_on(Path::new(gmem::kvm::DEFAULT_KVM_DEVICE), config)
+    }
+
+    /// [`Vm::start`] on the KVM device at `kvm_device` (a /dev/kvm bind-mounted into a jail,
+    /// say) instead of /dev/kvm.
+    pub fn start_on(kvm_device: &Path, config: VmConfig) -> Result<Vm, VmError> {
         let started = Instant::now();
         config.validate().map_err(VmError::InvalidConfig)?;
-        let kvm =
-            gmem::kvm::open(Path::new(gmem::kvm::DEFAULT_KVM_DEVICE)).map_err(VmError::OpenKvm)?;
+        let kvm = gmem::kvm::open(kvm_device).map_err(VmError::OpenKvm)?;
         check_host_limits(&kvm, &config)?;
         let vm_fd = Arc::new(gmem::kvm::create_vm(&kvm).map_err(VmError::CreateVm)?);
         let slot_zap_all_disabled = disable_slot_zap_all(&vm_fd)?;

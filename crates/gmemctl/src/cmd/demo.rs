@@ -80,7 +80,7 @@ pub struct Args {
 /// Runs the demo, prints its report, and fails if any byte was lost.
 pub fn run(kvm_device: &Path, args: Args) -> Result<(), CliError> {
     check_kvm(kvm_device)?;
-    let report = demo(&args)?;
+    let report = demo(kvm_device, &args)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -92,7 +92,7 @@ pub fn run(kvm_device: &Path, args: Args) -> Result<(), CliError> {
     }
 }
 
-fn demo(args: &Args) -> Result<DemoReport, DemoError> {
+fn demo(kvm_device: &Path, args: &Args) -> Result<DemoReport, DemoError> {
     let config = vm_config(args)?;
     let svg_path = std::path::absolute(&args.svg).map_err(|source| DemoError::WriteSvg {
         path: args.svg.clone(),
@@ -101,7 +101,7 @@ fn demo(args: &Args) -> Result<DemoReport, DemoError> {
     let machine = Machine::read()?;
     // Measured first, while nothing else runs: the yardstick for every copy-based move.
     let memcpy = memcpy::measure();
-    let vm = Vm::start(config).map_err(DemoError::vm)?;
+    let vm = Vm::start_on(kvm_device, config).map_err(DemoError::vm)?;
     prefault(&vm)?;
     let plan = MovePlan::for_host(&machine.topology, &vm, args.rounds)?;
     check_mechanism(&vm, args, &plan, &machine)?;
@@ -143,16 +143,7 @@ fn demo(args: &Args) -> Result<DemoReport, DemoError> {
 
 /// Fails early, with the device's own reason, where the VM could not start.
 fn check_kvm(kvm_device: &Path) -> Result<(), CliError> {
-    let default = Path::new(gmem::kvm::DEFAULT_KVM_DEVICE);
-    if kvm_device != default {
-        return Err(DemoError::BadFlags(format!(
-            "the demo VM always runs on {}; --kvm-device {} is not supported by `gmemctl demo`",
-            default.display(),
-            kvm_device.display()
-        ))
-        .into());
-    }
-    gmem::kvm::open(default)?;
+    gmem::kvm::open(kvm_device)?;
     Ok(())
 }
 

@@ -132,13 +132,8 @@ fn config(args: &Args) -> Result<VmConfig, CliError> {
 
 /// Starts the VM and serves its API until a signal or a guest failure.
 pub fn run(kvm_device: &Path, args: Args) -> Result<(), CliError> {
-    if kvm_device != Path::new(gmem::kvm::DEFAULT_KVM_DEVICE) {
-        return Err(CliError::InvalidArgument(format!(
-            "gmemctl run always uses {}; --kvm-device {} is not supported here",
-            gmem::kvm::DEFAULT_KVM_DEVICE,
-            kvm_device.display()
-        )));
-    }
+    // The device's own reason (missing, no permission) before anything else is set up.
+    gmem::kvm::open(kvm_device)?;
     let config = config(&args)?;
     // The first SIGINT or SIGTERM asks for a clean shutdown; a second one exits at once.
     let stop = Arc::new(AtomicBool::new(false));
@@ -150,7 +145,7 @@ pub fn run(kvm_device: &Path, args: Args) -> Result<(), CliError> {
     let path = args.api_sock.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("gmemctl-{}.sock", std::process::id()))
     });
-    let vm = Arc::new(Vm::start(config.clone())?);
+    let vm = Arc::new(Vm::start_on(kvm_device, config.clone())?);
     let mut server = ApiServer::start(Arc::clone(&vm), &path)?;
     println!("pid: {}", std::process::id());
     println!("api-sock: {}", path.display());

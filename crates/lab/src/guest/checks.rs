@@ -6,7 +6,7 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use gmem::kvm::{DEFAULT_KVM_DEVICE, KvmError};
+use gmem::kvm::{DEFAULT_KVM_DEVICE, KVM_API_VERSION, KvmError};
 use gmem::memory::{GmemFlags, GuestMemfd, MemoryError};
 use gmem::numa::{NodeId, NodeMask};
 use gmem::sys::kvm::{KVM_CAP_GUEST_MEMFD, KVM_CAP_GUEST_MEMFD_FLAGS};
@@ -18,9 +18,6 @@ use thiserror::Error;
 use super::Verdict;
 use super::kselftest::{self, Totals};
 use crate::report::{ECHO_PREFIX, Status};
-
-/// KVM_GET_API_VERSION has returned 12 since Linux 2.6.22.
-const KVM_API_VERSION: i32 = 12;
 
 /// Pages each memory test moves.
 const PAGES: usize = 256;
