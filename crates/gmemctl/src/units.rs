@@ -1,7 +1,38 @@
-//! Parsing sizes ("256M", "1G", "4096") and durations ("1ms", "500us", "2s") from the
-//! command line.
+//! The command line's shared values, parsed once for every subcommand: sizes ("256M",
+//! "1G"), durations ("1ms", "500us"), stop shares ("0.1") and verification levels.
 
 use std::time::Duration;
+
+use gmem::migrate::Verify;
+
+/// What to verify after each step (`--verify` of migrate, demo and bench).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum VerifyArg {
+    /// Placement, PFNs and content hashes.
+    Full,
+    /// Placement and PFNs.
+    Placement,
+    /// Nothing.
+    Off,
+}
+
+impl From<VerifyArg> for Verify {
+    fn from(arg: VerifyArg) -> Self {
+        match arg {
+            VerifyArg::Full => Verify::Full,
+            VerifyArg::Placement => Verify::Placement,
+            VerifyArg::Off => Verify::Off,
+        }
+    }
+}
+
+/// A share of time in (0, 1], as `--max-stop-share` takes it.
+pub fn parse_share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(share) if share > 0.0 && share <= 1.0 => Ok(share),
+        _ => Err(format!("'{text}' is not a share in (0, 1], e.g. 0.1")),
+    }
+}
 
 /// Parses a byte size with an optional binary suffix: K, M, G, T (also KiB, MiB, ...).
 pub fn parse_size(text: &str) -> Result<u64, String> {

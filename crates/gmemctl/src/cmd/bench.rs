@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use gmem::memory::{ChunkLayout, GmemFlags, GuestMemory, MemoryError, page_size};
 use gmem::migrate::{
     MechanismChoice, MechanismKind, MigrateError, MigrationReport, MigrationRequest, Migrator,
-    NothingToQuiesce, PlacementPolicy, StopStats, Verify,
+    NothingToQuiesce, PlacementPolicy, StopStats,
 };
 use gmem::numa::{NodeId, Topology};
 use gmem::sys::mman::Mmap;
@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::cmd::host::{CHUNK, TestHost, check_chunked_size};
 use crate::error::CliError;
 use crate::table::{Table, mib};
-use crate::units::{parse_duration, parse_size};
+use crate::units::{VerifyArg, parse_duration, parse_size};
 
 /// Spare chunks for remap: enough to keep allocation ahead of the copies.
 const SPARE_CHUNKS: u64 = 8;
@@ -35,25 +35,14 @@ pub struct Args {
     #[arg(long, default_value = "1ms", value_parser = parse_duration)]
     max_stop: Duration,
     /// Verification per step: full (placement, PFNs, content hashes), placement, off.
-    #[arg(long, default_value = "full", value_parser = parse_verify)]
-    verify: Verify,
+    #[arg(long, value_enum, default_value = "full")]
+    verify: VerifyArg,
     /// Measure only this mechanism (repeatable; default: all), e.g. to profile one.
     #[arg(long = "mechanism", value_name = "MECHANISM")]
     mechanisms: Vec<MechanismKind>,
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
-}
-
-pub(crate) fn parse_verify(text: &str) -> Result<Verify, String> {
-    match text {
-        "full" => Ok(Verify::Full),
-        "placement" => Ok(Verify::Placement),
-        "off" => Ok(Verify::Off),
-        other => Err(format!(
-            "unknown verification '{other}': use full, placement or off"
-        )),
-    }
 }
 
 /// One measured way of moving the memory.
@@ -223,7 +212,7 @@ fn measure(
     let request = MigrationRequest {
         mechanism: MechanismChoice::Exactly(mechanism),
         max_stop: args.max_stop,
-        verify: args.verify,
+        verify: args.verify.into(),
         relocate_in_place: from == to,
         ..MigrationRequest::new(PlacementPolicy::Bind(to))
     };

@@ -14,14 +14,13 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gmem::migrate::{MechanismChoice, MigrationRequest, Migrator, Progress, Verify};
+use gmem::migrate::{MechanismChoice, MigrationRequest, Migrator, Progress};
 use vmm::{Vm, VmConfig};
 
 pub use error::DemoError;
 
-use super::bench::parse_verify;
 use crate::error::CliError;
-use crate::units::{parse_duration, parse_size};
+use crate::units::{VerifyArg, parse_duration, parse_size};
 use guest_rate::{GuestRate, RateMeter};
 use machine::Machine;
 use memcpy::MemcpyBandwidth;
@@ -59,8 +58,8 @@ pub struct Args {
     /// Checks per step: full (placement, PFNs and content hashes; hashing stops the guest,
     /// even for native), placement (placement and PFNs: native never stops the guest), or
     /// off. The guest checks every byte it wrote either way.
-    #[arg(long, value_name = "LEVEL", default_value = "full", value_parser = parse_verify)]
-    verify: Verify,
+    #[arg(long, value_enum, default_value = "full")]
+    verify: VerifyArg,
     /// Where to write the placement map (SVG).
     #[arg(
         long,
@@ -70,7 +69,7 @@ pub struct Args {
     svg: PathBuf,
     /// Largest share of time the guest may spend stopped while memory moves (0 < share
     /// <= 1): the engine waits between steps to keep to it. "none" moves flat out.
-    #[arg(long, value_name = "SHARE", default_value = "0.1", value_parser = parse_share)]
+    #[arg(long, value_name = "SHARE", default_value = "0.1", value_parser = parse_stop_share)]
     max_stop_share: StopShare,
     /// Print the report as JSON.
     #[arg(long)]
@@ -196,16 +195,13 @@ fn check_mechanism(
 #[derive(Debug, Clone, Copy)]
 struct StopShare(Option<f64>);
 
-fn parse_share(text: &str) -> Result<StopShare, String> {
+fn parse_stop_share(text: &str) -> Result<StopShare, String> {
     if text == "none" {
         return Ok(StopShare(None));
     }
-    match text.parse::<f64>() {
-        Ok(share) if share > 0.0 && share <= 1.0 => Ok(StopShare(Some(share))),
-        _ => Err(format!(
-            "'{text}' is not a share in (0, 1] (e.g. 0.1), nor 'none'"
-        )),
-    }
+    crate::units::parse_share(text)
+        .map(|share| StopShare(Some(share)))
+        .map_err(|e| format!("{e}, or 'none'"))
 }
 
 fn request(args: &Args, step: &Move) -> MigrationRequest {
@@ -213,7 +209,7 @@ fn request(args: &Args, step: &Move) -> MigrationRequest {
         policy: step.policy(),
         mechanism: args.mechanism,
         max_stop: args.max_stop,
-        verify: args.verify,
+        verify: args.verify.into(),
         relocate_in_place: step.in_place,
         max_stop_share: args.max_stop_share.0,
         inject: None,

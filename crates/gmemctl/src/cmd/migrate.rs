@@ -8,13 +8,13 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gmem::migrate::{MechanismChoice, Verify};
+use gmem::migrate::MechanismChoice;
 use serde_json::Value;
 use vmm::api::{ApiClient, MigrateBody, PolicyName};
 
 use crate::error::CliError;
 use crate::table::mib;
-use crate::units::parse_duration;
+use crate::units::{VerifyArg, parse_duration, parse_share};
 
 /// How often the job is polled.
 const POLL: Duration = Duration::from_millis(100);
@@ -52,17 +52,6 @@ impl From<JournalSyncArg> for gmem::foreign::JournalSync {
             JournalSyncArg::PageCache => gmem::foreign::JournalSync::PageCache,
         }
     }
-}
-
-/// What to verify after each step.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum VerifyArg {
-    /// Placement, PFNs and content hashes.
-    Full,
-    /// Placement and PFNs.
-    Placement,
-    /// Nothing.
-    Off,
 }
 
 /// Options of `gmemctl migrate`.
@@ -127,14 +116,6 @@ pub struct Args {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NumberList(pub Vec<u32>);
 
-/// A share in (0, 1], as `--max-stop-share` takes it.
-fn parse_share(text: &str) -> Result<f64, String> {
-    match text.parse::<f64>() {
-        Ok(share) if share > 0.0 && share <= 1.0 => Ok(share),
-        _ => Err(format!("'{text}' is not a share in (0, 1], e.g. 0.1")),
-    }
-}
-
 /// Parses "0-2,5" into [0, 1, 2, 5]. Numbers are checked by the API, not here.
 pub fn parse_list(text: &str) -> Result<NumberList, String> {
     let mut out = Vec::new();
@@ -175,11 +156,7 @@ impl Args {
         body.max_stop_us = u64::try_from(self.max_stop.as_micros()).unwrap_or(u64::MAX);
         body.relocate_in_place = self.relocate_in_place;
         body.max_stop_share = self.max_stop_share;
-        body.verify = match self.verify {
-            VerifyArg::Full => Verify::Full,
-            VerifyArg::Placement => Verify::Placement,
-            VerifyArg::Off => Verify::Off,
-        };
+        body.verify = self.verify.into();
         body
     }
 }
