@@ -17,7 +17,7 @@ const MIGRATION_MIN_CPUS: usize = 3;
 const THP_ENABLED: &str = "/sys/kernel/mm/transparent_hugepage/enabled";
 
 /// Upstream selftests the lab runs; not in the default suite (they need `--bin` and, for
-/// mm-migration, `--cpus 4`). `kernel/lab` runs them on both kernels.
+/// mm-migration, `--cpus 4`). `kernel/test-in-lab` runs them on both kernels.
 pub const TESTS: &[TestInfo] = &[TestInfo {
     name: "mm-migration",
     about: "[--bin migration --cpus 4] upstream's mm `migration` selftest (kernel/build's \

@@ -1,5 +1,5 @@
 //! Lab tests for our patched kernel (kernel/: GUEST_MEMFD_FLAG_MIGRATABLE). They are not in
-//! the default suite: on a stock kernel most of them must fail. `kernel/lab` runs them.
+//! the default suite: on a stock kernel most of them must fail. `kernel/test-in-lab` runs them.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -23,7 +23,7 @@ const GMEMCTL: &str = "/bin/gmemctl";
 const SELFTEST: &str = "/bin/guest_memfd_test";
 const MEMORY_SYSFS: &str = "/sys/devices/system/memory";
 
-/// The patched-kernel tests, in `kernel/lab`'s order.
+/// The patched-kernel tests, in `kernel/test-in-lab`'s order.
 pub const TESTS: &[TestInfo] = &[
     TestInfo {
         name: "kernel-selftest",
