@@ -297,11 +297,11 @@ fn move_by_pid(
 }
 
 /// What the two foreign tests share once the VMM's guest is `ready`: status, then moves to
-/// node 1 and back by PID, then SIGTERM (or the VMM's own end). Returns the detail.
+/// node 1 and back by PID with `mechanism` expected. Returns the detail.
 fn status_and_moves(
     vmm: &mut Vmm,
     used_kib: Option<u64>,
-    mechanism_for: impl Fn(&Value) -> &'static str,
+    mechanism: &'static str,
     problems: &mut Vec<String>,
 ) -> Result<Value, GuestError> {
     let mut detail = json!({});
@@ -315,7 +315,6 @@ fn status_and_moves(
     let page_size = status["page_size"].as_u64().unwrap_or(4096);
     problems.extend(status_problems(&status, used_kib, page_size));
     let gmem = &status["guest_memfds"][0];
-    let mechanism = mechanism_for(gmem);
     detail["status"] = json!({
         "guest_used_kib": used_kib,
         "size_bytes": gmem["size_bytes"],
@@ -404,12 +403,10 @@ pub fn foreign_linux_guest() -> Result<Verdict, GuestError> {
                 m.used_kib,
                 // gmemctl run makes its guest_memfd MIGRATABLE where the kernel has the flag;
                 // from outside the flag cannot be seen, so native is tried and must hold.
-                |_| {
-                    if kernel_migratable {
-                        "native"
-                    } else {
-                        "refault"
-                    }
+                if kernel_migratable {
+                    "native"
+                } else {
+                    "refault"
                 },
                 &mut problems,
             )?;
@@ -602,7 +599,7 @@ pub fn firecracker() -> Result<Verdict, GuestError> {
             } else {
                 None
             };
-            detail = status_and_moves(&mut vmm, m.used_kib, |_| "refault", &mut problems)?;
+            detail = status_and_moves(&mut vmm, m.used_kib, "refault", &mut problems)?;
             if is_migratable(&detail["status"]) {
                 problems
                     .push("Firecracker's guest_memfd shows MIGRATABLE, which it never sets".into());
