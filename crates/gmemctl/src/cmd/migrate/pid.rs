@@ -167,12 +167,13 @@ pub(super) fn run(kvm_device: &Path, pid: u32, args: &Args) -> Result<(), CliErr
         Err(e) => return Err(e.into()),
     };
     let future_allocations = future_allocations(pid, &request, &attached, &moved);
-    let interrupted = interrupt.load(Ordering::Relaxed);
-    let complete = !interrupted
-        && moved.len() == chosen.len()
+    let all_moved = moved.len() == chosen.len()
         && moved
             .iter()
             .all(|m| m.report.complete && m.report.content_mismatches == 0);
+    // A signal during the last step ends nothing early: that move is complete.
+    let interrupted = interrupt.load(Ordering::Relaxed) && !all_moved;
+    let complete = all_moved;
     let result = PidMigration {
         pid,
         request: body,
