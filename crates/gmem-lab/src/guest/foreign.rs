@@ -18,8 +18,7 @@ use super::Verdict;
 use super::checks::GuestError;
 use super::gmemctl::{AWAY, GMEMCTL, HOME, preferring, run_gmemctl, tail, verdict};
 use super::linux::{
-    self, BOOT_TIMEOUT, CMDLINE, CONSOLE, CpuTables, MEMCHECK_MIB, SWEEPS_AFTER_MOVE,
-    SWEEPS_TIMEOUT, TAIL_LINES, VMM_LOG, Vmm,
+    self, BOOT_TIMEOUT, CMDLINE, CONSOLE, CpuTables, MEMCHECK_MIB, TAIL_LINES, VMM_LOG, Vmm,
 };
 use crate::initramfs::{L2_INITRAMFS, L2_KERNEL};
 use crate::memcheck::{MIB_VAR, ROLE, ROLE_VAR};
@@ -275,12 +274,7 @@ fn move_by_pid(
             Vec::new()
         }
     };
-    let after = linux::wait_console(
-        vmm,
-        SWEEPS_TIMEOUT,
-        &format!("{SWEEPS_AFTER_MOVE} more sweeps after the move to node {to}"),
-        |m| m.sweeps >= sweeps_at_end + SWEEPS_AFTER_MOVE,
-    );
+    let after = linux::sweeps_after_move(vmm, to, sweeps_at_end);
     let detail = json!({
         "to": to,
         "verify": verify,

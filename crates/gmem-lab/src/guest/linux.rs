@@ -83,9 +83,9 @@ const REBOOT_AFTER_SWEEPS: u64 = 2;
 /// How long the guest's undisturbed sweep rate is measured before the first move.
 const RATE_WINDOW: Duration = Duration::from_secs(4);
 /// Sweeps the guest must complete after each move, with the memory in its new place.
-pub(super) const SWEEPS_AFTER_MOVE: u64 = 2;
+const SWEEPS_AFTER_MOVE: u64 = 2;
 /// How long those sweeps may take.
-pub(super) const SWEEPS_TIMEOUT: Duration = Duration::from_secs(300);
+const SWEEPS_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long gmemctl run may take to exit after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(500);
@@ -515,12 +515,7 @@ fn move_guest(
         }
     };
     let waited = Instant::now();
-    let after = wait_console(
-        vmm,
-        SWEEPS_TIMEOUT,
-        &format!("{SWEEPS_AFTER_MOVE} more sweeps after the move to node {to}"),
-        |m| m.sweeps >= sweeps_at_end + SWEEPS_AFTER_MOVE,
-    );
+    let after = sweeps_after_move(vmm, to, sweeps_at_end);
     let detail = json!({
         "to": to,
         "verify": verify,
@@ -537,6 +532,21 @@ fn move_guest(
     });
     problems.extend(mine);
     Ok(after.map(|_| detail))
+}
+
+/// Waits for [`SWEEPS_AFTER_MOVE`] more sweeps of the guest than `sweeps_at_end`, the count
+/// when the move to node `to` ended: the guest runs on in its memory's new place.
+pub(super) fn sweeps_after_move(
+    vmm: &mut Vmm,
+    to: u64,
+    sweeps_at_end: u64,
+) -> Result<Memcheck, String> {
+    wait_console(
+        vmm,
+        SWEEPS_TIMEOUT,
+        &format!("{SWEEPS_AFTER_MOVE} more sweeps after the move to node {to}"),
+        |m| m.sweeps >= sweeps_at_end + SWEEPS_AFTER_MOVE,
+    )
 }
 
 /// Why a Linux-guest test cannot run here (a skip or a failure), if it cannot: no gmemctl,
