@@ -202,7 +202,7 @@ fn status_of(pid: u32) -> Result<Result<Value, String>, GuestError> {
     })
 }
 
-/// One move of all the VMM's guest memory to `to`, by PID, then [`SWEEPS_AFTER_MOVE`] sweeps
+/// One move of all the VMM's guest memory to `to`, by PID, then two more sweeps
 /// of the guest in its new place. Problems go to `problems`; `Err` in the inner result ends
 /// the moves (the guest stopped making progress).
 fn move_by_pid(
