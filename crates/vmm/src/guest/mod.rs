@@ -9,9 +9,10 @@ use gmem::memory::GuestMemory;
 
 use crate::error::VmError;
 
-/// Writes the system area — GDT, page tables, code — into guest memory. The TSS and the
-/// stacks stay as the guest_memfd gives them: zero.
-pub(crate) fn load(memory: &GuestMemory, mem_size: u64) -> Result<(), VmError> {
+/// Writes the system area — GDT, page tables, code — into guest memory of `mem_size`
+/// bytes. The TSS and the stacks stay as the guest_memfd gives them: zero. A vCPU then
+/// enters with [`cpu::long_mode_sregs`] and [`cpu::entry_regs`].
+pub fn load(memory: &GuestMemory, mem_size: u64) -> Result<(), VmError> {
     let code = asm::workload(layout::CODE_GPA).map_err(VmError::AssembleGuest)?;
     debug_assert!(code.len() as u64 <= layout::CODE_MAX_BYTES);
     for (gpa, bytes) in [
