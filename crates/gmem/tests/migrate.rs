@@ -77,6 +77,30 @@ fn under_writers(mechanism: MechanismKind, layout: ChunkLayout) {
         progressed > 0,
         "writers made no progress during the migration"
     );
+    if mechanism == MechanismKind::Remap {
+        // The phases account for the whole stop (each lap is truncated to whole us).
+        let phases = report
+            .stop_phases
+            .expect("remap times its stops phase by phase");
+        assert_eq!(phases.copy.count, report.stops.count);
+        let parts = [
+            phases.entry,
+            phases.copy,
+            phases.swap,
+            phases.check,
+            phases.prefault,
+        ];
+        let sum: u64 = parts.iter().map(|p| p.total_us).sum();
+        let slack = report.stops.total_us / 20 + 6 * report.stops.count;
+        assert!(
+            sum.abs_diff(report.stops.total_us) <= slack,
+            "phases sum to {sum} us, the stops to {} us",
+            report.stops.total_us
+        );
+        eprintln!("remap stops by phase, p50/p99: {phases}");
+    } else {
+        assert_eq!(report.stop_phases, None);
+    }
     eprintln!(
         "{mechanism}: {} pages in {} steps, stop p50 {} us p99 {} us max {} us, {:.2} GB/s",
         report.pages_moved,

@@ -19,7 +19,7 @@ use super::refault::Refault;
 use super::remap::{Remap, remap_confidential};
 use super::report::{
     ContentCheck, MechanismChoice, MechanismKind, MigrationReport, StepOutcome, StepReport,
-    StopStats,
+    StopPhaseStats, StopStats,
 };
 use super::verify::Verify;
 use crate::memory::{GmemFlags, GuestMemory, MemoryError, Placement, Policy, page_size};
@@ -586,6 +586,12 @@ impl<'a> Migrator<'a> {
             content_checks,
             content_mismatches,
             stops: StopStats::from_durations(stops),
+            stop_phases: StopPhaseStats::from_phases(
+                &reports
+                    .iter()
+                    .filter_map(|r| r.stop_phases)
+                    .collect::<Vec<_>>(),
+            ),
             steps: reports.len() as u64,
             elapsed_us: elapsed.as_micros() as u64,
             throughput_gbps: bytes_moved as f64 / elapsed.as_secs_f64().max(1e-9) / 1e9,

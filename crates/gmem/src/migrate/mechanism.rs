@@ -94,6 +94,7 @@ pub(crate) fn report(step: &Step, outcome: StepOutcome) -> StepReport {
         outcome,
         stop: None,
         stop_entry: None,
+        stop_phases: None,
         pages_moved: 0,
         pages_off_target: 0,
         pfns_changed: None,

@@ -30,6 +30,6 @@ pub use plan::{PlacementPolicy, Plan, PlanInput, Step};
 pub use quiesce::{NothingToQuiesce, Paused, Quiesce, QuiesceError};
 pub use report::{
     ContentCheck, MechanismChoice, MechanismKind, MigrationReport, RestoredTo, StepOutcome,
-    StepReport, StopStats,
+    StepReport, StopPhaseStats, StopPhases, StopStats,
 };
 pub use verify::Verify;

@@ -12,11 +12,12 @@ use super::mechanism::{Mapped, StepContext, check_result, report};
 use super::plan::Step;
 use super::quiesce::Paused;
 use super::refault::root_cause;
-use super::report::{ContentCheck, RestoredTo, StepOutcome, StepReport};
+use super::report::{ContentCheck, RestoredTo, StepOutcome, StepReport, StopPhases};
 use super::verify;
 use super::{InjectedFailure, MigrateError};
 use crate::memory::{GuestMemory, MemoryError, Policy, page_size};
 use crate::numa::NodeMask;
+use crate::sys::sched::{self, ThreadId};
 
 /// The remap mechanism, for memory whose memslots this process binds.
 #[derive(Clone, Copy)]
@@ -69,12 +70,74 @@ impl Remap<'_> {
 /// Nice value of the workers that prepare destinations while the guest runs.
 const WORKER_NICE: i32 = 10;
 
+/// The workers' time slice: the kernel's shortest. Without it a thread waking on a worker's
+/// CPU (the thread running the stop, a vCPU) could wait out a 1.5 ms slice.
+const WORKER_SLICE: std::time::Duration = std::time::Duration::from_micros(100);
+
 /// Workers preparing destinations, each every PREPARERS-th step: allocating and mapping a
 /// 2 MiB chunk (~1.4 ms here, one page fault per page) is the slowest stage of a step.
 const PREPARERS: usize = 2;
 
 /// How long a worker that found no spare chunk waits before looking again.
 const SPARE_POLL: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// The preparing workers' thread ids, so that a stop can step them aside.
+#[derive(Default)]
+struct Preparers(std::sync::Mutex<Vec<ThreadId>>);
+
+impl Preparers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<ThreadId>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers the calling worker until the seat drops (before its thread ends, so its
+    /// id is never reused while listed here).
+    fn seat(&self) -> PreparerSeat<'_> {
+        let tid = sched::current_thread_id();
+        self.lock().push(tid);
+        PreparerSeat {
+            preparers: self,
+            tid,
+        }
+    }
+
+    /// Makes every worker `SCHED_IDLE` until the guard drops: while the guest is stopped,
+    /// the thread running the stop, the kernel workers its memslot swap waits on, and the
+    /// vCPUs it wakes must never queue behind a worker's time slice. Measured in `gmemctl
+    /// demo --vcpus 1`, the wait behind a worker was what made stops last 2-10 ms.
+    fn step_aside(&self) -> SteppedAside<'_> {
+        let tids = self.lock();
+        for &tid in tids.iter() {
+            // A worker that stays normal only costs latency; nothing to report.
+            let _ = sched::set_thread_idle(tid, true);
+        }
+        SteppedAside { tids }
+    }
+}
+
+struct PreparerSeat<'p> {
+    preparers: &'p Preparers,
+    tid: ThreadId,
+}
+
+impl Drop for PreparerSeat<'_> {
+    fn drop(&mut self) {
+        self.preparers.lock().retain(|&t| t != self.tid);
+    }
+}
+
+/// Workers stepped aside; they are normal (nice [`WORKER_NICE`]) again on drop.
+struct SteppedAside<'p> {
+    tids: std::sync::MutexGuard<'p, Vec<ThreadId>>,
+}
+
+impl Drop for SteppedAside<'_> {
+    fn drop(&mut self) {
+        for &tid in self.tids.iter() {
+            let _ = sched::set_thread_idle(tid, false);
+        }
+    }
+}
 
 /// Chunks the main thread hands back to the worker, which frees their pages and returns
 /// them to the spare pool: discarding a chunk (~0.35 ms per 2 MiB here) is then off the
@@ -136,6 +199,7 @@ impl Remap<'_> {
         // one the main thread needs next is never starved by a later one (with one spare,
         // a worker could otherwise hold it for its next step while the other waits).
         let turn = AtomicUsize::new(0);
+        let preparers = Preparers::default();
         std::thread::scope(|scope| {
             let mut ready = Vec::new();
             let mut returned = Vec::new();
@@ -148,8 +212,9 @@ impl Remap<'_> {
                 let worker_cx = cx.clone();
                 let worker = *self;
                 let mine = steps.iter().enumerate().skip(first).step_by(PREPARERS);
-                let turn = &turn;
+                let (turn, preparers) = (&turn, &preparers);
                 scope.spawn(move || {
+                    let _seat = preparers.seat();
                     worker.prepare_all(&worker_cx, mine, turn, &ready_tx, &returned_rx)
                 });
             }
@@ -163,9 +228,13 @@ impl Remap<'_> {
                     ..cx.clone()
                 };
                 let report = match prepared {
-                    Ok(spare) => {
-                        self.switch(&step_cx, step, spare, &returned[index % PREPARERS])?
-                    }
+                    Ok(spare) => self.switch(
+                        &step_cx,
+                        step,
+                        spare,
+                        &returned[index % PREPARERS],
+                        &preparers,
+                    )?,
                     Err(reason) => report(step, StepOutcome::NotAttempted { reason }),
                 };
                 if !each(report, step.pages_to_move) {
@@ -195,7 +264,10 @@ impl Remap<'_> {
         let memory = self.memory;
         let chunk_size = memory.layout().chunk_size;
         // Background work: let vCPU threads have the CPU when they want it.
-        let _ = crate::sys::sched::set_current_thread_nice(WORKER_NICE);
+        // A short slice too: a vCPU thread waking where a worker runs waits at most this.
+        if sched::set_current_thread_slice(WORKER_NICE, WORKER_SLICE).is_err() {
+            let _ = sched::set_current_thread_nice(WORKER_NICE);
+        }
         let retire_handed_back = || {
             while let Ok(offset) = returned.try_recv() {
                 retire(memory, offset);
@@ -245,6 +317,7 @@ impl Remap<'_> {
         step: &Step,
         spare: u64,
         returned: &SpareReturned,
+        preparers: &Preparers,
     ) -> Result<StepReport, MigrateError> {
         let memory = self.memory;
         let chunk_size = memory.layout().chunk_size;
@@ -258,7 +331,10 @@ impl Remap<'_> {
         memory.populate(old, chunk_size)?;
         let pfns_before = cx.pfns(old, chunk_size);
 
+        let aside = preparers.step_aside();
+        let mut phases = PhaseClock::start();
         let paused = Paused::new(cx.quiesce)?;
+        let entry = phases.lap();
         let copied_by_copier = match cx.copier {
             Some(copier) => {
                 copier
@@ -273,6 +349,7 @@ impl Remap<'_> {
             cx.map
                 .copy_to(old as usize, cx.map, spare as usize, chunk_size as usize);
         }
+        let copy = phases.lap();
         if cx.injected(InjectedFailure::CorruptCopy) {
             let mut byte = [0u8];
             cx.map.read(spare as usize, &mut byte);
@@ -286,6 +363,7 @@ impl Remap<'_> {
                 .map(|_| ())
                 .map_err(|e| format!("{e}: {}", root_cause(&e)))
         };
+        let swap = phases.lap();
         let mut content = ContentCheck::NotTaken;
         let failure = match swapped {
             Err(reason) => Some(reason),
@@ -316,13 +394,16 @@ impl Remap<'_> {
             }
             Ok(()) => None,
         };
+        let check = phases.lap();
         if failure.is_none() {
             // Map the new chunk for the guest before it runs again, so it resumes without a
             // stage-2 fault per page there.
             cx.quiesce
                 .prefault(memory.layout().base_gpa + step.guest_offset, chunk_size);
         }
+        let prefault = phases.lap();
         let stop = paused.resume()?;
+        drop(aside);
 
         let outcome = match failure {
             None => {
@@ -339,9 +420,32 @@ impl Remap<'_> {
         };
         let mut report = report(step, outcome);
         report.content = content;
+        report.stop_phases = Some(StopPhases {
+            entry,
+            copy,
+            swap,
+            check,
+            prefault,
+        });
         let now = memory.chunk_offset(chunk);
         check_result(cx, &mut report, now, pfns_before, Some(stop), Mapped::Fully)?;
         Ok(report)
+    }
+}
+
+/// Times consecutive phases: each lap is the time since the previous one.
+struct PhaseClock(std::time::Instant);
+
+impl PhaseClock {
+    fn start() -> Self {
+        PhaseClock(std::time::Instant::now())
+    }
+
+    fn lap(&mut self) -> std::time::Duration {
+        let now = std::time::Instant::now();
+        let lap = now - self.0;
+        self.0 = now;
+        lap
     }
 }
 

@@ -150,6 +150,9 @@ pub struct StepReport {
     /// Of that stop, how long the pause itself took to be granted (batch sizing only).
     #[serde(skip)]
     pub stop_entry: Option<Duration>,
+    /// Where the stop went, phase by phase (remap).
+    #[serde(skip)]
+    pub stop_phases: Option<StopPhases>,
     /// Pages now on the target that were moved by this step.
     pub pages_moved: u64,
     /// Resident pages of the range not on the target afterwards (placement check).
@@ -196,6 +199,74 @@ impl StopStats {
     }
 }
 
+/// One remap stop, phase by phase, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StopPhases {
+    /// From the pause request until no vCPU ran: kick, exit, park.
+    pub entry: Duration,
+    /// Copying the chunk to its new room.
+    pub copy: Duration,
+    /// Rebinding the chunk's memslot (delete and re-create: KVM waits out SRCU readers).
+    pub swap: Duration,
+    /// Comparing what the guest now sees with the old chunk (zero without content checks).
+    pub check: Duration,
+    /// Mapping the new chunk ahead for the guest, where KVM can (KVM_PRE_FAULT_MEMORY).
+    /// The stop ends with the resume request.
+    pub prefault: Duration,
+}
+
+/// [`StopStats`] of each phase of the stops that were timed phase by phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct StopPhaseStats {
+    /// See [`StopPhases::entry`].
+    pub entry: StopStats,
+    /// See [`StopPhases::copy`].
+    pub copy: StopStats,
+    /// See [`StopPhases::swap`].
+    pub swap: StopStats,
+    /// See [`StopPhases::check`].
+    pub check: StopStats,
+    /// See [`StopPhases::prefault`].
+    pub prefault: StopStats,
+}
+
+impl StopPhaseStats {
+    /// Statistics per phase, or `None` when no stop was timed phase by phase.
+    pub fn from_phases(phases: &[StopPhases]) -> Option<Self> {
+        if phases.is_empty() {
+            return None;
+        }
+        let of = |phase: fn(&StopPhases) -> Duration| {
+            StopStats::from_durations(&phases.iter().map(phase).collect::<Vec<_>>())
+        };
+        Some(StopPhaseStats {
+            entry: of(|p| p.entry),
+            copy: of(|p| p.copy),
+            swap: of(|p| p.swap),
+            check: of(|p| p.check),
+            prefault: of(|p| p.prefault),
+        })
+    }
+}
+
+impl std::fmt::Display for StopPhaseStats {
+    /// "entry 130/1393 us, copy 225/404 us, ...": p50/p99 of each phase.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let phases = [
+            ("entry", &self.entry),
+            ("copy", &self.copy),
+            ("swap", &self.swap),
+            ("check", &self.check),
+            ("prefault", &self.prefault),
+        ];
+        for (index, (name, stats)) in phases.iter().enumerate() {
+            let sep = if index == 0 { "" } else { ", " };
+            write!(f, "{sep}{name} {}/{} us", stats.p50_us, stats.p99_us)?;
+        }
+        Ok(())
+    }
+}
+
 /// The verified result of a migration.
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrationReport {
@@ -225,6 +296,9 @@ pub struct MigrationReport {
     pub content_mismatches: u64,
     /// Guest stop times over all steps.
     pub stops: StopStats,
+    /// The same stops phase by phase, where the mechanism times them (remap).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_phases: Option<StopPhaseStats>,
     /// Steps run.
     pub steps: u64,
     /// Wall time of the whole migration, microseconds.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use gmem::memory::{ChunkLayout, GmemFlags, GuestMemory, MemoryError, page_size};
 use gmem::migrate::{
     MechanismChoice, MechanismKind, MigrateError, MigrationReport, MigrationRequest, Migrator,
-    NothingToQuiesce, PlacementPolicy, StopStats,
+    NothingToQuiesce, PlacementPolicy, StopPhaseStats, StopStats,
 };
 use gmem::numa::{NodeId, Topology};
 use gmem::sys::mman::Mmap;
@@ -55,6 +55,8 @@ struct Row {
     ratio_to_memcpy: f64,
     ratio_to_naive: f64,
     stops: StopStats,
+    /// The stops phase by phase, where the mechanism times them (remap).
+    stop_phases: Option<StopPhaseStats>,
     pages_moved: u64,
     pages_hash_verified: u64,
     pfns_changed: Option<u64>,
@@ -183,6 +185,7 @@ fn naive_refault(vm: &Arc<kvm_ioctls::VmFd>, flags: GmemFlags, size: u64) -> Res
         ratio_to_memcpy: 0.0,
         ratio_to_naive: 0.0,
         stops: StopStats::from_durations(&stops),
+        stop_phases: None,
         pages_moved: size / page_size(),
         pages_hash_verified: 0,
         pfns_changed: None,
@@ -230,6 +233,7 @@ fn measure(
                 ratio_to_memcpy: 0.0,
                 ratio_to_naive: 0.0,
                 stops: StopStats::default(),
+                stop_phases: None,
                 pages_moved: 0,
                 pages_hash_verified: 0,
                 pfns_changed: None,
@@ -246,6 +250,7 @@ fn measure(
         ratio_to_memcpy: 0.0,
         ratio_to_naive: 0.0,
         stops: report.stops,
+        stop_phases: report.stop_phases,
         pages_moved: report.pages_moved,
         pages_hash_verified: if hashed_steps == report.steps {
             report.pages_moved
@@ -305,6 +310,11 @@ fn render(b: &Bench) -> String {
         ]);
     }
     out.push_str(&t.render());
+    for r in &b.rows {
+        if let Some(phases) = &r.stop_phases {
+            out.push_str(&format!("{} stops by phase, p50/p99: {phases}\n", r.name));
+        }
+    }
     out.push_str("\nThe naive baseline stops the guest for each whole 2 MiB batch; its stop times are per batch.\n");
     out
 }

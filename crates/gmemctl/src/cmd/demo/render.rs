@@ -142,6 +142,14 @@ fn moves_table(r: &DemoReport) -> String {
         percent(r.guest_progress.share_during),
     ]);
     let mut out = t.render();
+    for m in &r.moves {
+        if let Some(phases) = &m.migration.stop_phases {
+            out.push_str(&format!(
+                "  move {} stops by phase, p50/p99: {phases}\n",
+                m.number
+            ));
+        }
+    }
     out.push_str(
         "  PFNs changed: pages whose page frame differs after their step, of the pages the \
          engine compared (remap compares whole chunks)\n  stop: per step, as the engine timed \
