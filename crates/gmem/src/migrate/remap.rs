@@ -70,10 +70,6 @@ impl Remap<'_> {
 /// Nice value of the workers that prepare destinations while the guest runs.
 const WORKER_NICE: i32 = 10;
 
-/// The workers' time slice: the kernel's shortest. Without it a thread waking on a worker's
-/// CPU (the thread running the stop, a vCPU) could wait out a 1.5 ms slice.
-const WORKER_SLICE: std::time::Duration = std::time::Duration::from_micros(100);
-
 /// Workers preparing destinations, each every PREPARERS-th step: allocating and mapping a
 /// 2 MiB chunk (~1.4 ms here, one page fault per page) is the slowest stage of a step.
 const PREPARERS: usize = 2;
@@ -264,10 +260,7 @@ impl Remap<'_> {
         let memory = self.memory;
         let chunk_size = memory.layout().chunk_size;
         // Background work: let vCPU threads have the CPU when they want it.
-        // A short slice too: a vCPU thread waking where a worker runs waits at most this.
-        if sched::set_current_thread_slice(WORKER_NICE, WORKER_SLICE).is_err() {
-            let _ = sched::set_current_thread_nice(WORKER_NICE);
-        }
+        let _ = sched::set_current_thread_nice(WORKER_NICE);
         let retire_handed_back = || {
             while let Ok(offset) = returned.try_recv() {
                 retire(memory, offset);

@@ -79,48 +79,11 @@ pub fn set_thread_idle(tid: ThreadId, idle: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// `struct sched_attr` as of Linux 3.14 (SCHED_ATTR_SIZE_VER0), the fields every kernel
-/// since takes.
-#[repr(C)]
-#[derive(Default)]
-struct SchedAttr {
-    size: u32,
-    sched_policy: u32,
-    sched_flags: u64,
-    sched_nice: i32,
-    sched_priority: u32,
-    sched_runtime: u64,
-    sched_deadline: u64,
-    sched_period: u64,
-}
-
-/// Runs the calling thread as `SCHED_OTHER` at `nice`, with a time slice of `slice` where
-/// the kernel takes one (`sched_setattr(2)`; EEVDF reads `sched_runtime` as the slice since
-/// 6.12, clamped to 0.1-100 ms). A short slice lets waking threads preempt this one soon.
-pub fn set_current_thread_slice(nice: i32, slice: std::time::Duration) -> io::Result<()> {
-    let attr = SchedAttr {
-        size: std::mem::size_of::<SchedAttr>() as u32,
-        sched_policy: libc::SCHED_OTHER as u32,
-        sched_nice: nice,
-        sched_runtime: slice.as_nanos() as u64,
-        ..SchedAttr::default()
-    };
-    // SAFETY: `attr` is a live, fully initialised sched_attr whose size field is its size;
-    // pid 0 is the calling thread, and flags must be 0.
-    syscall!(syscall(
-        libc::SYS_sched_setattr,
-        0,
-        &attr as *const SchedAttr,
-        0
-    ))?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A field of this thread's /proc/thread-self/sched ("policy", "se.slice").
+    /// A field of this thread's /proc/thread-self/sched ("policy").
     fn sched_field(name: &str) -> u64 {
         let text = std::fs::read_to_string("/proc/thread-self/sched").unwrap();
         let line = text
@@ -142,17 +105,6 @@ mod tests {
             // SAFETY: plain integer arguments; errno is not consulted.
             let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, me as libc::id_t) };
             assert_eq!(nice, 7);
-        })
-        .join()
-        .unwrap();
-    }
-
-    #[test]
-    fn a_thread_takes_the_slice_it_asks_for() {
-        std::thread::spawn(|| {
-            set_current_thread_slice(10, std::time::Duration::from_micros(100)).unwrap();
-            assert_eq!(sched_field("policy"), libc::SCHED_OTHER as u64);
-            assert_eq!(sched_field("se.slice"), 100_000);
         })
         .join()
         .unwrap();
