@@ -99,8 +99,8 @@ impl Preparers {
 
     /// Makes every worker `SCHED_IDLE` until the guard drops: while the guest is stopped,
     /// the thread running the stop, the kernel workers its memslot swap waits on, and the
-    /// vCPUs it wakes must never queue behind a worker's time slice. Measured in `gmemctl
-    /// demo --vcpus 1`, the wait behind a worker was what made stops last 2-10 ms.
+    /// vCPUs it wakes must never queue behind a worker's time slice (perf sched caught a
+    /// vCPU waiting out 1.57 ms of one in `gmemctl demo --vcpus 1`).
     fn step_aside(&self) -> SteppedAside<'_> {
         let tids = self.lock();
         for &tid in tids.iter() {
@@ -325,9 +325,9 @@ impl Remap<'_> {
         let pfns_before = cx.pfns(old, chunk_size);
 
         let aside = preparers.step_aside();
-        let mut phases = PhaseClock::start();
         let paused = Paused::new(cx.quiesce)?;
-        let entry = phases.lap();
+        let entry = paused.entry();
+        let mut phases = PhaseClock::start();
         let copied_by_copier = match cx.copier {
             Some(copier) => {
                 copier

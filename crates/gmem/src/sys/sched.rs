@@ -43,8 +43,7 @@ pub fn affinity() -> io::Result<Vec<usize>> {
 /// Sets the calling thread's nice value (`setpriority(PRIO_PROCESS, gettid(), nice)`):
 /// on Linux niceness is per thread, so background work can yield to vCPU threads.
 pub fn set_current_thread_nice(nice: i32) -> io::Result<()> {
-    // SAFETY: gettid has no arguments and no memory effects.
-    let tid = unsafe { libc::gettid() };
+    let tid = current_thread_id();
     // SAFETY: plain integer arguments.
     syscall!(setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice))?;
     Ok(())
