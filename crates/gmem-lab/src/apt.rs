@@ -78,6 +78,12 @@ pub enum AptError {
         status: ExitStatus,
         stderr: String,
     },
+    #[error("cannot parse {what} as deb822")]
+    Deb822 {
+        what: String,
+        #[source]
+        source: deb822_fast::Error,
+    },
     #[error("the apt index has no package matching `{spec}` (suites: {suites})")]
     NotFound { spec: String, suites: String },
     #[error("the apt index entry for `{spec}` lacks the {field} field")]
@@ -104,55 +110,18 @@ pub enum AptError {
     },
 }
 
-/// One deb822 paragraph: fields in order, names compared case-insensitively.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Stanza {
-    fields: Vec<(String, String)>,
-}
-
-impl Stanza {
-    /// The value of `name`, continuation lines joined with `\n`.
-    pub fn get(&self, name: &str) -> Option<&str> {
-        self.fields
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
+/// One deb822 paragraph, as deb822-fast reads it: fields in order, names compared
+/// case-insensitively, continuation lines joined with `\n`.
+pub type Stanza = deb822_fast::Paragraph;
 
 /// Parses deb822 text (apt Packages indexes, `apt-cache show` output, `.sources` files).
-/// Paragraphs are separated by blank lines; lines starting with `#` are comments;
-/// lines starting with a space or tab continue the previous field.
-pub fn parse_deb822(text: &str) -> Vec<Stanza> {
-    let mut out = Vec::new();
-    let mut cur = Stanza::default();
-    for line in text.lines() {
-        if line.trim().is_empty() {
-            if !cur.fields.is_empty() {
-                out.push(std::mem::take(&mut cur));
-            }
-            continue;
-        }
-        if line.starts_with('#') {
-            continue;
-        }
-        if line.starts_with([' ', '\t']) {
-            if let Some((_, v)) = cur.fields.last_mut() {
-                if !v.is_empty() {
-                    v.push('\n');
-                }
-                v.push_str(line.trim());
-            }
-            continue;
-        }
-        if let Some((k, v)) = line.split_once(':') {
-            cur.fields.push((k.trim().to_owned(), v.trim().to_owned()));
-        }
-    }
-    if !cur.fields.is_empty() {
-        out.push(cur);
-    }
-    out
+/// `what` names the text for the error.
+pub fn parse_deb822(what: &str, text: &str) -> Result<Vec<Stanza>, AptError> {
+    let parsed: deb822_fast::Deb822 = text.parse().map_err(|source| AptError::Deb822 {
+        what: what.to_owned(),
+        source,
+    })?;
+    Ok(parsed.into_iter().collect())
 }
 
 /// What the apt index says about one .deb.
@@ -171,7 +140,7 @@ impl PackageRecord {
     pub fn from_stanza(spec: &str, s: &Stanza) -> Result<Self, AptError> {
         let field = |name: &'static str| {
             s.get(name)
-                .map(str::to_owned)
+                .map(|v| v.trim().to_owned())
                 .ok_or(AptError::MissingField {
                     spec: spec.to_owned(),
                     field: name,
@@ -252,8 +221,8 @@ pub fn parse_sources_list(text: &str) -> Vec<HostSource> {
     out
 }
 
-/// Parses deb822-style `.sources` text.
-pub fn parse_sources_deb822(text: &str) -> Vec<HostSource> {
+/// Parses deb822-style `.sources` text; `what` names it for the error.
+pub fn parse_sources_deb822(what: &str, text: &str) -> Result<Vec<HostSource>, AptError> {
     let words = |s: &Stanza, k: &str| -> Vec<String> {
         s.get(k)
             .unwrap_or("")
@@ -262,7 +231,7 @@ pub fn parse_sources_deb822(text: &str) -> Vec<HostSource> {
             .collect()
     };
     let mut out = Vec::new();
-    for s in parse_deb822(text) {
+    for s in parse_deb822(what, text)? {
         if !words(&s, "Types").iter().any(|t| t == "deb") {
             continue;
         }
@@ -284,7 +253,7 @@ pub fn parse_sources_deb822(text: &str) -> Vec<HostSource> {
             });
         }
     }
-    out
+    Ok(out)
 }
 
 /// The first host entry that is Debian's main archive (not security, not a third party).
@@ -324,7 +293,9 @@ fn host_mirror() -> Result<(String, String), AptError> {
         for f in files {
             match f.extension().and_then(|e| e.to_str()) {
                 Some("list") => sources.extend(parse_sources_list(&read(&f)?)),
-                Some("sources") => sources.extend(parse_sources_deb822(&read(&f)?)),
+                Some("sources") => {
+                    sources.extend(parse_sources_deb822(&f.display().to_string(), &read(&f)?)?)
+                }
                 _ => {}
             }
         }
@@ -559,7 +530,7 @@ impl Fetcher {
             Err(e) => return Err(e),
         };
         let name = spec_package(spec);
-        let stanza = parse_deb822(&text)
+        let stanza = parse_deb822("`apt-cache show` output", &text)?
             .into_iter()
             .find(|s| s.get("Package") == Some(name))
             .ok_or_else(not_found)?;
@@ -572,7 +543,7 @@ impl Fetcher {
         let mut args = vec!["show", "--no-all-versions"];
         args.extend(specs.iter().map(String::as_str));
         let text = self.apt("apt-cache", &args, None).ok()?;
-        let stanzas = parse_deb822(&text);
+        let stanzas = parse_deb822("`apt-cache show` output", &text).ok()?;
         specs
             .iter()
             .map(|spec| {
@@ -748,7 +719,7 @@ SHA256: 3d3fdbe91d4660c873e14b092c213fe81c1da6362daa236eb25d0171eb108744
 
     #[test]
     fn parses_packages_index() {
-        let stanzas = parse_deb822(PACKAGES);
+        let stanzas = parse_deb822("index", PACKAGES).unwrap();
         assert_eq!(stanzas.len(), 2);
         let kernel = PackageRecord::from_stanza("k", &stanzas[0]).unwrap();
         assert_eq!(kernel.version, "7.3.4-1~bpo13+1");
@@ -770,8 +741,11 @@ SHA256: 3d3fdbe91d4660c873e14b092c213fe81c1da6362daa236eb25d0171eb108744
 
     #[test]
     fn record_needs_hash_and_valid_size() {
-        let s =
-            &parse_deb822("Package: a\nVersion: 1\nArchitecture: all\nFilename: x\nSize: 1\n")[0];
+        let s = &parse_deb822(
+            "index",
+            "Package: a\nVersion: 1\nArchitecture: all\nFilename: x\nSize: 1\n",
+        )
+        .unwrap()[0];
         assert!(matches!(
             PackageRecord::from_stanza("a", s),
             Err(AptError::MissingField {
@@ -780,8 +754,10 @@ SHA256: 3d3fdbe91d4660c873e14b092c213fe81c1da6362daa236eb25d0171eb108744
             })
         ));
         let s = &parse_deb822(
+            "index",
             "Package: a\nVersion: 1\nArchitecture: all\nFilename: x\nSize: lots\nSHA256: 00\n",
-        )[0];
+        )
+        .unwrap()[0];
         assert!(matches!(
             PackageRecord::from_stanza("a", s),
             Err(AptError::BadSize { .. })
@@ -813,7 +789,7 @@ URIs: http://mirror.example/debian-security
 Suites: bookworm-security
 Components: main
 ";
-        let sources = parse_sources_deb822(text);
+        let sources = parse_sources_deb822("test.sources", text).unwrap();
         assert_eq!(sources.len(), 2);
         let m = pick_debian_mirror(&sources).unwrap();
         assert_eq!(m.uri, "http://mirror.example/debian");
@@ -840,10 +816,20 @@ deb [arch=amd64 signed-by=/k.gpg] http://mirror.example/debian/ trixie main cont
     }
 
     #[test]
+    fn malformed_sources_name_the_file() {
+        let err = parse_sources_deb822("x.sources", " Types: deb\n").unwrap_err();
+        assert!(matches!(&err, AptError::Deb822 { what, .. } if what == "x.sources"));
+    }
+
+    #[test]
     fn disabled_deb822_entries_are_ignored() {
         let text =
             "Types: deb\nURIs: http://a/debian\nSuites: sid\nComponents: main\nEnabled: no\n";
-        assert!(parse_sources_deb822(text).is_empty());
+        assert!(
+            parse_sources_deb822("test.sources", text)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

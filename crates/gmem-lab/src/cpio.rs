@@ -1,6 +1,8 @@
-//! A writer for the "newc" cpio format that Linux unpacks as an initramfs.
+//! The lab's initramfs archive: the `cpio` crate's newc entries, written deterministically.
 
 use std::io::{self, Write};
+
+use ::cpio::newc::{self, Builder};
 
 /// File type bits of `st_mode`.
 const S_IFDIR: u32 = 0o040_000;
@@ -8,21 +10,17 @@ const S_IFREG: u32 = 0o100_000;
 const S_IFLNK: u32 = 0o120_000;
 const S_IFCHR: u32 = 0o020_000;
 
-/// Writes a newc archive: deterministic (mtime 0, uid/gid 0, inodes numbered in order).
+/// Writes a newc archive that Linux unpacks as an initramfs. Deterministic: mtime 0, uid/gid
+/// 0, inodes numbered in order, so the same inputs give the same bytes.
 #[derive(Debug)]
 pub struct NewcWriter<W: Write> {
     out: W,
     next_ino: u32,
-    offset: u64,
 }
 
 impl<W: Write> NewcWriter<W> {
     pub fn new(out: W) -> Self {
-        Self {
-            out,
-            next_ino: 1,
-            offset: 0,
-        }
+        Self { out, next_ino: 1 }
     }
 
     /// A directory (`perm` e.g. 0o755).
@@ -46,9 +44,8 @@ impl<W: Write> NewcWriter<W> {
     }
 
     /// Writes the trailer and returns the inner writer.
-    pub fn finish(mut self) -> io::Result<W> {
-        self.header_and_name("TRAILER!!!", 0, 0, 1, (0, 0), 0)?;
-        Ok(self.out)
+    pub fn finish(self) -> io::Result<W> {
+        newc::trailer(self.out)
     }
 
     fn entry(
@@ -56,9 +53,10 @@ impl<W: Write> NewcWriter<W> {
         path: &str,
         mode: u32,
         nlink: u32,
-        rdev: (u32, u32),
+        (rdev_major, rdev_minor): (u32, u32),
         data: &[u8],
     ) -> io::Result<()> {
+        // The kernel's unpacker takes names relative to its root; a leading `/` would be kept.
         let name = path.trim_start_matches('/');
         if name.is_empty() || name.contains('\0') {
             return Err(io::Error::new(
@@ -74,45 +72,15 @@ impl<W: Write> NewcWriter<W> {
         })?;
         let ino = self.next_ino;
         self.next_ino += 1;
-        self.header_and_name(name, ino, mode, nlink, rdev, size)?;
-        self.write(data)?;
-        self.pad()
-    }
-
-    fn header_and_name(
-        &mut self,
-        name: &str,
-        ino: u32,
-        mode: u32,
-        nlink: u32,
-        rdev: (u32, u32),
-        size: u32,
-    ) -> io::Result<()> {
-        let namesize = u32::try_from(name.len() + 1)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "cpio name too long"))?;
-        // magic, ino, mode, uid, gid, nlink, mtime, filesize, devmajor, devminor,
-        // rdevmajor, rdevminor, namesize, check
-        let header = format!(
-            "070701{ino:08X}{mode:08X}{:08X}{:08X}{nlink:08X}{:08X}{size:08X}{:08X}{:08X}{:08X}{:08X}{namesize:08X}{:08X}",
-            0, 0, 0, 0, 0, rdev.0, rdev.1, 0
-        );
-        self.write(header.as_bytes())?;
-        self.write(name.as_bytes())?;
-        self.write(&[0])?;
-        self.pad()
-    }
-
-    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.out.write_all(bytes)?;
-        self.offset += bytes.len() as u64;
-        Ok(())
-    }
-
-    fn pad(&mut self) -> io::Result<()> {
-        let rem = (self.offset % 4) as usize;
-        if rem != 0 {
-            self.write(&[0u8; 4][..4 - rem])?;
-        }
+        let mut entry = Builder::new(name)
+            .ino(ino)
+            .mode(mode)
+            .nlink(nlink)
+            .rdev_major(rdev_major)
+            .rdev_minor(rdev_minor)
+            .write(&mut self.out, size);
+        entry.write_all(data)?;
+        entry.finish()?;
         Ok(())
     }
 }
@@ -194,7 +162,7 @@ pub(crate) mod tests {
         // 110-byte header + "a\0" = 112 (aligned), 1 data byte + 3 pad.
         assert_eq!(
             &bytes[..110],
-            b"07070100000001000081A40000000000000000000000010000000000000001000000000000000000000000000000000000000200000000".as_slice()
+            b"07070100000001000081a40000000000000000000000010000000000000001000000000000000000000000000000000000000200000000".as_slice()
         );
         assert_eq!(&bytes[110..116], b"a\0x\0\0\0");
     }
