@@ -10,9 +10,12 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use kvm_ioctls::VmFd;
 use serde::Serialize;
+use vm_memory::GuestMemoryAtomic;
 
+use super::regions::{ChunkRegion, chunk_region, chunk_regions, region_table};
 use super::{
-    GmemFlags, GuestMemfd, MappedGmem, MemoryError, Placement, Policy, check_range, page_size,
+    GmemAddressSpace, GmemFlags, GuestMemfd, MappedGmem, MemoryError, Placement, Policy,
+    check_range, page_size,
 };
 use crate::sys::kvm::{MemslotRegion, set_user_memory_region2};
 use crate::sys::mman::Mmap;
@@ -108,6 +111,8 @@ struct ChunkTable {
     spare: Vec<u64>,
     /// Whether the memslots are registered with KVM.
     bound: bool,
+    /// Guest chunk i as a vm-memory region (empty when the host cannot map the gmem).
+    regions: Vec<Arc<ChunkRegion>>,
 }
 
 /// Guest RAM on one guest_memfd, mapped by the host and bound to a VM as chunk memslots.
@@ -118,6 +123,9 @@ pub struct GuestMemory {
     /// The gmem and, unless it is confidential, its mapping.
     host: MappedGmem,
     table: RwLock<ChunkTable>,
+    /// The chunk table as vm-memory regions, for devices and loaders (`None` when the host
+    /// cannot map the gmem). Updated under the `table` write lock.
+    address_space: Option<GmemAddressSpace>,
 }
 
 impl GuestMemory {
@@ -135,19 +143,31 @@ impl GuestMemory {
             None
         };
         let chunks = layout.chunks();
+        let offsets: Vec<u64> = (0..chunks).map(|i| i * layout.chunk_size).collect();
+        let host = MappedGmem::new(gmem, map);
+        let (regions, address_space) = match host.shared_mapping() {
+            Ok(map) => {
+                let regions = chunk_regions(map, layout.base_gpa, layout.chunk_size, &offsets);
+                let space = GuestMemoryAtomic::new(region_table(&regions)?);
+                (regions, Some(space))
+            }
+            Err(_) => (Vec::new(), None),
+        };
         let table = ChunkTable {
-            offsets: (0..chunks).map(|i| i * layout.chunk_size).collect(),
+            offsets,
             spare: (chunks..chunks + layout.spare_chunks)
                 .rev()
                 .map(|i| i * layout.chunk_size)
                 .collect(),
             bound: false,
+            regions,
         };
         Ok(GuestMemory {
             vm,
             layout,
-            host: MappedGmem::new(gmem, map),
+            host,
             table: RwLock::new(table),
+            address_space,
         })
     }
 
@@ -174,6 +194,23 @@ impl GuestMemory {
     /// The host mapping of the whole gmem (spares included). Refused for confidential gmem.
     pub fn mapping(&self) -> Result<&Mmap, MemoryError> {
         self.host.mapping()
+    }
+
+    /// Guest RAM through vm-memory's traits, for rust-vmm devices, virtio queues and
+    /// linux-loader: `memory()` gives a snapshot of the chunk table, and each
+    /// [`rebind_chunk`](Self::rebind_chunk) publishes the new table in one atomic swap.
+    /// Clones share the table. Refused for confidential gmem.
+    ///
+    /// A device should take `memory()` per access, as virtio devices do per request. A
+    /// device that writes guest memory while a migration runs must be stopped with the vCPUs
+    /// by the migration's [`Quiesce`](crate::migrate::Quiesce): a write between a chunk's
+    /// copy and its swap would land in the chunk's old place.
+    pub fn vm_memory(&self) -> Result<GmemAddressSpace, MemoryError> {
+        self.address_space
+            .clone()
+            .ok_or(MemoryError::NotHostMappable {
+                flags: self.gmem().flags(),
+            })
     }
 
     fn table(&self) -> RwLockReadGuard<'_, ChunkTable> {
@@ -262,6 +299,17 @@ impl GuestMemory {
         check_range(new_offset, size, self.gmem().size())?;
         let mut table = self.table_mut();
         let old_offset = table.offsets[chunk as usize];
+        // The new region table is built before any slot changes, so nothing can fail after.
+        let published = match (&self.address_space, self.host.shared_mapping()) {
+            (Some(_), Ok(map)) => {
+                let mut regions = table.regions.clone();
+                regions[chunk as usize] =
+                    chunk_region(map, self.layout.base_gpa, size, chunk as usize, new_offset);
+                let next = region_table(&regions)?;
+                Some((regions, next))
+            }
+            _ => None,
+        };
         if table.bound {
             self.set_slot(self.region(chunk, old_offset, 0)?)?;
             if let Err(e) = self.set_slot(self.region(chunk, new_offset, size)?) {
@@ -270,6 +318,13 @@ impl GuestMemory {
             }
         }
         table.offsets[chunk as usize] = new_offset;
+        if let (Some(space), Some((regions, next))) = (&self.address_space, published) {
+            table.regions = regions;
+            space
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .replace(next);
+        }
         Ok(old_offset)
     }
 

@@ -2,6 +2,7 @@
 //! policy and placement calls that owned and attached guest memory share.
 
 use std::os::fd::AsFd;
+use std::sync::Arc;
 
 use super::{GuestMemfd, MemoryError, Placement, Policy, check_range};
 use crate::numa::Topology;
@@ -18,14 +19,18 @@ use crate::sys::mman::Mmap;
 pub struct MappedGmem {
     gmem: GuestMemfd,
     /// `None` for memory this crate must not read (confidential, or not known readable).
-    map: Option<Mmap>,
+    /// Shared, so the vm-memory regions handed to devices keep it mapped.
+    map: Option<Arc<Mmap>>,
 }
 
 impl MappedGmem {
     /// Pairs a gmem with its mapping. The caller decides whether the host may map it.
     pub(crate) fn new(gmem: GuestMemfd, map: Option<Mmap>) -> Self {
         debug_assert!(map.as_ref().is_none_or(|m| m.len() as u64 == gmem.size()));
-        MappedGmem { gmem, map }
+        MappedGmem {
+            gmem,
+            map: map.map(Arc::new),
+        }
     }
 
     /// The guest_memfd.
@@ -35,6 +40,11 @@ impl MappedGmem {
 
     /// The mapping of the whole gmem. Refused for memory the host must not read.
     pub fn mapping(&self) -> Result<&Mmap, MemoryError> {
+        self.shared_mapping().map(|m| &**m)
+    }
+
+    /// [`mapping`](Self::mapping), shared: for views that must outlive a borrow.
+    pub(crate) fn shared_mapping(&self) -> Result<&Arc<Mmap>, MemoryError> {
         self.map.as_ref().ok_or(MemoryError::NotHostMappable {
             flags: self.gmem.flags(),
         })

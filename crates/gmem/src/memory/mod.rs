@@ -9,6 +9,7 @@ mod guest_memory;
 mod mapped;
 mod placement;
 mod policy;
+mod regions;
 
 pub(crate) use attached::procfs as gmem_procfs;
 pub(crate) use attached::take_gmem_file;
@@ -21,6 +22,7 @@ pub use mapped::MappedGmem;
 pub(crate) use placement::map_resident;
 pub use placement::{PageLocation, Placement, PlacementRange};
 pub use policy::{PER_INODE_POLICY_SINCE, Policy, kernel_release, policy_is_per_inode};
+pub use regions::{ChunkRegion, ChunkRegions, GmemAddressSpace};
 
 use crate::numa::{NodeId, NodeRoom};
 

@@ -141,6 +141,23 @@ impl Mmap {
         diff == 0
     }
 
+    /// Host address of the byte at `offset` (inside the mapping), for callers that hand
+    /// addresses to the kernel or to vm-memory; it is only dereferenced by them.
+    pub fn host_address(&self, offset: usize) -> *mut u8 {
+        self.check(offset, 1);
+        self.ptr_at(offset)
+    }
+
+    /// `len` bytes at `offset` as a vm-memory `VolatileSlice`, the view rust-vmm devices and
+    /// linux-loader read and write guest memory through.
+    pub fn volatile_slice(&self, offset: usize, len: usize) -> vm_memory::VolatileSlice<'_> {
+        self.check(offset, len);
+        // SAFETY: the range is inside this live mapping (checked), and the slice borrows
+        // `self`, so it cannot outlive the mapping. VolatileSlice only copies through
+        // volatile accesses, which tolerate the vCPUs writing the same bytes.
+        unsafe { vm_memory::VolatileSlice::new(self.ptr_at(offset), len) }
+    }
+
     /// Reads the 8-byte word at `offset` without tearing, for racing readers and writers.
     pub fn read_u64(&self, offset: usize) -> u64 {
         self.check(offset, 8);

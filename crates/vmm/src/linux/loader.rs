@@ -1,14 +1,13 @@
 //! Puts a Linux kernel, its initramfs and command line into guest memory (linux-loader).
 //!
-//! linux-loader writes through vm-memory's `GuestMemoryBackend`, which our chunked gmem does
-//! not implement. So the kernel is first loaded into a scratch vm-memory mapping of the same
-//! size, and only the pages it wrote are copied into the guest_memfd (which starts zeroed).
+//! linux-loader writes the kernel straight into the chunked gmem, through its vm-memory view
+//! ([`GuestMemory::vm_memory`]).
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
-use gmem::memory::GuestMemory;
+use gmem::memory::{ChunkRegions, GuestMemory};
 use linux_loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bzimage::BzImage;
@@ -17,7 +16,7 @@ use linux_loader::loader::elf::start_info::{
 };
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{KernelLoader, KernelLoaderResult};
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestAddressSpace};
 
 use super::LinuxError;
 use super::acpi::{ACPI_GPA, ACPI_MAX_BYTES};
@@ -101,12 +100,12 @@ pub(crate) fn load(
             }
         }
     })?;
-    let scratch = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
-        .map_err(|e| LinuxError::ScratchMemory(e.to_string()))?;
+    let guest = memory.vm_memory().map_err(LinuxError::GuestMemoryView)?;
+    let guest = guest.memory();
     let high = Some(GuestAddress(HIGH_MEMORY_GPA));
     let result = match kind {
-        ImageKind::Elf => Elf::load(&scratch, None, &mut image, high),
-        ImageKind::BzImage => BzImage::load(&scratch, None, &mut image, high),
+        ImageKind::Elf => Elf::load(&*guest, None, &mut image, high),
+        ImageKind::BzImage => BzImage::load(&*guest, None, &mut image, high),
     }
     .map_err(|source| LinuxError::LoadKernel {
         path: kernel.to_owned(),
@@ -119,8 +118,6 @@ pub(crate) fn load(
             mem_size,
         });
     }
-    copy_written_pages(&scratch, memory, kernel_range)?;
-    drop(scratch);
 
     let cmdline = command_line(cmdline)?;
     let initrd_max = match (kind, result.setup_header) {
@@ -131,7 +128,7 @@ pub(crate) fn load(
     };
     let initramfs = match initramfs {
         Some(path) => Some(load_initramfs(
-            memory,
+            &guest,
             path,
             kernel_range.1,
             mem_size,
@@ -191,39 +188,12 @@ fn image_kind(image: &mut File) -> std::io::Result<ImageKind> {
 
 /// The guest physical range the image was written to. A bzImage goes at its load address;
 /// an ELF's segments can start anywhere above 1 MiB (linux-loader reports its entry, not its
-/// lowest segment), so the range starts there and zero pages are skipped when copying.
+/// lowest segment), so the range starts there.
 fn kernel_range(kind: ImageKind, result: &KernelLoaderResult) -> (u64, u64) {
     match kind {
         ImageKind::BzImage => (result.kernel_load.0, result.kernel_end),
         ImageKind::Elf => (HIGH_MEMORY_GPA, result.kernel_end),
     }
-}
-
-/// Copies every page of `range` that holds a non-zero byte from the scratch mapping into
-/// guest memory, so that unused pages of gmem stay unallocated.
-fn copy_written_pages(
-    scratch: &GuestMemoryMmap<()>,
-    memory: &GuestMemory,
-    (start, end): (u64, u64),
-) -> Result<(), LinuxError> {
-    const BATCH: u64 = 2 << 20;
-    let mut buffer = vec![0u8; BATCH as usize];
-    let mut at = start & !(PAGE_BYTES - 1);
-    while at < end {
-        let len = BATCH.min(end.next_multiple_of(PAGE_BYTES) - at) as usize;
-        scratch
-            .read_slice(&mut buffer[..len], GuestAddress(at))
-            .map_err(|e| LinuxError::ScratchMemory(e.to_string()))?;
-        for (index, page) in buffer[..len].chunks(PAGE_BYTES as usize).enumerate() {
-            if page.iter().any(|&b| b != 0) {
-                memory
-                    .write_guest(at + index as u64 * PAGE_BYTES, page)
-                    .map_err(LinuxError::WriteBootData)?;
-            }
-        }
-        at += len as u64;
-    }
-    Ok(())
 }
 
 /// Checks the command line the way the kernel will read it.
@@ -233,20 +203,22 @@ fn command_line(text: &str) -> Result<std::ffi::CString, LinuxError> {
     cmdline.as_cstring().map_err(LinuxError::CommandLine)
 }
 
-/// Reads the initramfs into the top of RAM (page-aligned, at most `addr_max`), where it is
-/// out of the way of the kernel's decompression, and returns its range.
+/// Reads the initramfs from its file straight into the top of RAM (page-aligned, at most
+/// `addr_max`), where it is out of the way of the kernel's decompression, and returns its
+/// range.
 fn load_initramfs(
-    memory: &GuestMemory,
+    guest: &ChunkRegions,
     path: &Path,
     kernel_end: u64,
     mem_size: u64,
     addr_max: u64,
 ) -> Result<(u64, u64), LinuxError> {
-    let bytes = std::fs::read(path).map_err(|source| LinuxError::ReadInitramfs {
+    let read_error = |source| LinuxError::ReadInitramfs {
         path: path.to_owned(),
         source,
-    })?;
-    let len = bytes.len() as u64;
+    };
+    let mut file = File::open(path).map_err(read_error)?;
+    let len = file.metadata().map_err(read_error)?.len();
     let top = mem_size.min(addr_max.saturating_add(1));
     let start = top
         .checked_sub(len)
@@ -256,9 +228,12 @@ fn load_initramfs(
             bytes: len,
             room: top.saturating_sub(kernel_end),
         })?;
-    memory
-        .write_guest(start, &bytes)
-        .map_err(LinuxError::WriteBootData)?;
+    guest
+        .read_exact_volatile_from(GuestAddress(start), &mut file, len as usize)
+        .map_err(|source| LinuxError::LoadInitramfs {
+            path: path.to_owned(),
+            source,
+        })?;
     Ok((start, start + len))
 }
 
@@ -386,6 +361,118 @@ mod tests {
         assert_eq!(params.e820_entries, 4);
         assert_eq!({ params.e820_table[3].size }, (64 << 20) - 0x10_0000);
         assert_eq!({ params.acpi_rsdp_addr }, ACPI_GPA);
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    /// 64 MiB in 2 MiB chunks with the chunks that hold the kernel (GPA 1 MiB) and the
+    /// initramfs (the top of RAM) moved to spare gmem offsets, so guest order and gmem order
+    /// differ exactly where the loader writes.
+    fn shuffled_memory(test: &str) -> Option<GuestMemory> {
+        let (_kvm, vm) = gmem::testing::kvm_or_skip(test)?;
+        let layout = gmem::memory::ChunkLayout::chunked(64 * MIB, 2 * MIB, 2);
+        let memory =
+            GuestMemory::create(vm, layout, gmem::memory::GmemFlags::HOST_MAPPABLE).unwrap();
+        memory.bind_to_vm().unwrap();
+        let spares = [memory.take_spare().unwrap(), memory.take_spare().unwrap()];
+        for (chunk, spare) in [0, layout.chunks() - 1].into_iter().zip(spares) {
+            let old = memory.rebind_chunk(chunk, spare).unwrap();
+            memory.return_spare(old);
+        }
+        Some(memory)
+    }
+
+    fn read(memory: &GuestMemory, (start, end): (u64, u64)) -> Vec<u8> {
+        let mut bytes = vec![0u8; (end - start) as usize];
+        memory.read_guest(start, &mut bytes).unwrap();
+        bytes
+    }
+
+    /// The gmem offsets the first and last chunk left hold no byte: the loader wrote
+    /// through the chunk table, not at identity offsets.
+    fn assert_identity_offsets_untouched(memory: &GuestMemory) {
+        let map = memory.mapping().unwrap();
+        let chunk = memory.layout().chunk_size as usize;
+        let last = (memory.layout().chunks() as usize - 1) * chunk;
+        let mut bytes = vec![0u8; chunk];
+        for offset in [0, last] {
+            map.read(offset, &mut bytes);
+            assert!(
+                bytes.iter().all(|&b| b == 0),
+                "gmem offset {offset:#x} was written"
+            );
+        }
+    }
+
+    fn load_stand_in(test: &str, image: &[u8]) -> Option<(GuestMemory, Loaded, Vec<u8>)> {
+        let memory = shuffled_memory(test)?;
+        let dir = std::env::temp_dir().join(format!("gmem-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (kernel, initramfs) = (dir.join("kernel"), dir.join("initramfs"));
+        let initramfs_bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8 + 1).collect();
+        std::fs::write(&kernel, image).unwrap();
+        std::fs::write(&initramfs, &initramfs_bytes).unwrap();
+        let loaded = load(
+            &memory,
+            64 * MIB,
+            &kernel,
+            Some(&initramfs),
+            "console=ttyS0",
+        )
+        .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(read(&memory, loaded.initramfs.unwrap()), initramfs_bytes);
+        assert_identity_offsets_untouched(&memory);
+        Some((memory, loaded, image.to_vec()))
+    }
+
+    #[test]
+    fn linux_loader_writes_a_bzimage_straight_into_chunked_gmem() {
+        let image = super::super::stand_in::bzimage().unwrap();
+        let Some((memory, loaded, image)) =
+            load_stand_in("loader_writes_a_bzimage_into_chunked_gmem", &image)
+        else {
+            return;
+        };
+        // The protected-mode kernel follows the boot sector and `setup_sects` sectors (0
+        // means 4, for old kernels).
+        let setup_sects = match image[0x1F1] {
+            0 => 4,
+            n => usize::from(n),
+        };
+        let payload = &image[(setup_sects + 1) * 512..];
+        assert_eq!(loaded.kernel.0, HIGH_MEMORY_GPA);
+        assert_eq!(read(&memory, loaded.kernel), payload);
+    }
+
+    #[test]
+    fn linux_loader_writes_a_pvh_elf_straight_into_chunked_gmem() {
+        let image = super::super::stand_in::pvh_elf().unwrap();
+        let Some((memory, loaded, image)) =
+            load_stand_in("loader_writes_a_pvh_elf_into_chunked_gmem", &image)
+        else {
+            return;
+        };
+        assert!(matches!(loaded.entry, Entry::Pvh { .. }));
+        // Every PT_LOAD segment's file bytes sit at its physical address.
+        let u64_at = |at: usize| u64::from_le_bytes(image[at..at + 8].try_into().unwrap());
+        let u16_at = |at: usize| usize::from(u16::from_le_bytes([image[at], image[at + 1]]));
+        let (phoff, phentsize, phnum) = (u64_at(0x20) as usize, u16_at(0x36), u16_at(0x38));
+        let mut segments = 0;
+        for header in (0..phnum).map(|i| phoff + i * phentsize) {
+            if u32::from_le_bytes(image[header..header + 4].try_into().unwrap()) != 1 {
+                continue;
+            }
+            let (offset, paddr, filesz) = (
+                u64_at(header + 8),
+                u64_at(header + 0x18),
+                u64_at(header + 0x20),
+            );
+            let file = &image[offset as usize..(offset + filesz) as usize];
+            assert_eq!(read(&memory, (paddr, paddr + filesz)), file);
+            segments += 1;
+        }
+        assert!(segments > 0, "the stand-in has a PT_LOAD segment");
     }
 
     #[test]

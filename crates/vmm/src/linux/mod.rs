@@ -115,9 +115,9 @@ pub enum LinuxError {
         /// Guest RAM.
         mem_size: u64,
     },
-    /// The scratch mapping the kernel is loaded through failed.
-    #[error("cannot stage the kernel in scratch memory: {0}")]
-    ScratchMemory(String),
+    /// Guest memory has no vm-memory view to load the kernel through (confidential gmem).
+    #[error("cannot load a kernel into guest memory the host cannot map")]
+    GuestMemoryView(#[source] MemoryError),
     /// The command line is not one the kernel can take.
     #[error("invalid kernel command line")]
     CommandLine(#[source] linux_loader::cmdline::Error),
@@ -129,6 +129,15 @@ pub enum LinuxError {
         /// The cause.
         #[source]
         source: io::Error,
+    },
+    /// The initramfs could not be read into guest memory.
+    #[error("cannot read the initramfs {path} into guest memory")]
+    LoadInitramfs {
+        /// The file.
+        path: PathBuf,
+        /// What vm-memory reported.
+        #[source]
+        source: vm_memory::GuestMemoryError,
     },
     /// The initramfs does not fit between the kernel and the top of RAM.
     #[error(
