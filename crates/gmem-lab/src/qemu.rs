@@ -20,17 +20,32 @@ const POWEROFF_GRACE: Duration = Duration::from_secs(15);
 /// The line QEMU logs (`-d cpu_reset`) when a CPU triple-faults.
 const TRIPLE_FAULT: &str = "Triple fault";
 
+/// How long after the "Triple fault" line QEMU is given to reset, and so to dump every CPU's
+/// state into the reset log, before it is killed.
+const RESET_DUMP_GRACE: Duration = Duration::from_millis(500);
+
 /// If the guest's kernel triple-faulted, QEMU's account of it from the `-d cpu_reset` log:
-/// the "Triple fault" line and the instruction pointer of the CPU state dumped after it.
+/// the "Triple fault" line and, from the CPU states dumped at the reset that follows, each
+/// CPU's instruction pointer, CR2 and CR3.
 pub fn triple_fault(reset_log: &str) -> Option<String> {
     let at = reset_log.find(TRIPLE_FAULT)?;
-    let after = &reset_log[at..];
-    let rip = after
-        .split_whitespace()
-        .find(|w| w.starts_with("RIP=") || w.starts_with("EIP="));
-    Some(match rip {
-        Some(rip) => format!("a CPU triple-faulted (QEMU's reset log; {rip} in the state after)"),
-        None => "a CPU triple-faulted (QEMU's reset log)".to_owned(),
+    let mut cpus = Vec::new();
+    for dump in reset_log[at..].split("CPU Reset (").skip(1) {
+        let cpu = dump.split(')').next().unwrap_or("?");
+        let word = |prefix: &str| dump.split_whitespace().find(|w| w.starts_with(prefix));
+        if let Some(ip) = word("RIP=").or_else(|| word("EIP=")) {
+            let regs = [Some(ip), word("CR2="), word("CR3=")];
+            let regs: Vec<&str> = regs.into_iter().flatten().collect();
+            cpus.push(format!("{cpu}: {}", regs.join(" ")));
+        }
+    }
+    Some(if cpus.is_empty() {
+        "a CPU triple-faulted (QEMU's reset log)".to_owned()
+    } else {
+        format!(
+            "a CPU triple-faulted (QEMU's reset log; state at the reset: {})",
+            cpus.join("; ")
+        )
     })
 }
 
@@ -150,8 +165,9 @@ pub struct Machine {
     pub serial_log: PathBuf,
     /// QEMU's own stderr.
     pub qemu_log: PathBuf,
-    /// QEMU's `-d cpu_reset` log: the CPU state at every reset, so a lab kernel that
-    /// triple-faults (QEMU exits, as `-no-reboot` asks) leaves its registers behind.
+    /// QEMU's `-d cpu_reset` log: the CPU state at every reset. QEMU runs without
+    /// `-no-reboot`, so a lab kernel that triple-faults is reset, which dumps its registers
+    /// here; [`Machine::boot`] then kills QEMU before the kernel boots again.
     pub reset_log: PathBuf,
 }
 
@@ -164,6 +180,9 @@ pub struct Boot {
     pub elapsed: Duration,
     /// When the first GMEMLAB-BOOT line arrived (init reached).
     pub init_at: Option<Duration>,
+    /// The lab's kernel reset the machine (a triple fault, or a panic with `panic=-1`), and
+    /// QEMU was killed rather than let it boot again.
+    pub reset: bool,
     pub pid: u32,
 }
 
@@ -215,7 +234,6 @@ impl Machine {
                 "none",
                 "-serial",
                 "stdio",
-                "-no-reboot",
                 "-d",
                 "cpu_reset",
             ]
@@ -233,7 +251,9 @@ impl Machine {
     }
 
     /// Boots, hands each console line to `on_line` (which returns true once the guest said
-    /// GMEMLAB-DONE), and kills QEMU by its PID if the timeout passes first.
+    /// GMEMLAB-DONE), and kills QEMU by its PID if the timeout passes first, or once the lab's
+    /// kernel has reset the machine: a triple fault in the reset log (after QEMU has dumped
+    /// the CPUs' state there) or a second GMEMLAB-BOOT line.
     pub fn boot(&self, mut on_line: impl FnMut(&str) -> bool) -> Result<Boot, QemuError> {
         let create = |path: &Path| {
             File::create(path).map_err(|source| QemuError::CreateLog {
@@ -283,6 +303,10 @@ impl Machine {
         let mut init_at = None;
         let mut done_at = None;
         let mut timed_out = false;
+        let mut boots = 0;
+        let mut reset = false;
+        let mut triple_fault_at = None;
+        let mut reset_log_checked = start;
         let exit = loop {
             if let Some(status) = try_wait(&mut child, pid)? {
                 break Some(status);
@@ -292,6 +316,18 @@ impl Machine {
                 Some(t) => deadline.min(t + POWEROFF_GRACE),
                 None => deadline,
             };
+            if now >= reset_log_checked + Duration::from_millis(250) && triple_fault_at.is_none() {
+                reset_log_checked = now;
+                let log = std::fs::read_to_string(&self.reset_log).unwrap_or_default();
+                if log.contains(TRIPLE_FAULT) {
+                    triple_fault_at = Some(now);
+                }
+            }
+            if triple_fault_at.is_some_and(|t| now >= t + RESET_DUMP_GRACE) || boots > 1 {
+                reset = true;
+                let _ = child.kill();
+                break child.wait().ok();
+            }
             if now >= limit {
                 timed_out = done_at.is_none();
                 // Child::kill sends SIGKILL to this child's PID only.
@@ -300,8 +336,13 @@ impl Machine {
             }
             match rx.recv_timeout(Duration::from_millis(50).min(limit - now)) {
                 Ok(line) => {
-                    if init_at.is_none() && line.contains(crate::report::BOOT) {
-                        init_at = Some(start.elapsed());
+                    if line.contains(crate::report::BOOT) {
+                        boots += 1;
+                        init_at.get_or_insert(start.elapsed());
+                        if boots > 1 {
+                            // The machine reset and the kernel booted again: not this run.
+                            continue;
+                        }
                     }
                     if on_line(&line) && !saw_done {
                         saw_done = true;
@@ -328,6 +369,7 @@ impl Machine {
             saw_done,
             elapsed: start.elapsed(),
             init_at,
+            reset,
             pid,
         })
     }
@@ -345,10 +387,16 @@ mod tests {
 
     #[test]
     fn a_triple_fault_is_found_in_the_reset_log() {
-        let log = "CPU Reset (CPU 0)\nRAX=0 RBX=0\nTriple fault\nCPU Reset (CPU 1)\n\
-                   RAX=0000000000000000 RIP=ffffffff81001234 RFL=00000002\n";
+        let log = "CPU Reset (CPU 0)\nRAX=0 RBX=0\nTriple fault\nCPU Reset (CPU 0)\n\
+                   RAX=0000000000000000 RIP=ffffffff81001234 RFL=00000002\n\
+                   CR0=80050033 CR2=ffffc90000001ff8 CR3=0000000001234000 CR4=00350ef0\n\
+                   CPU Reset (CPU 1)\nRIP=ffffffff81000abc RFL=00000246\n";
         let found = triple_fault(log).unwrap();
-        assert!(found.contains("RIP=ffffffff81001234"), "{found}");
+        assert!(
+            found.contains("CPU 0: RIP=ffffffff81001234 CR2=ffffc90000001ff8 CR3=0000000001234000"),
+            "{found}"
+        );
+        assert!(found.contains("; CPU 1: RIP=ffffffff81000abc"), "{found}");
         assert_eq!(triple_fault("CPU Reset (CPU 0)\nRIP=0000fff0\n"), None);
     }
 
@@ -379,7 +427,8 @@ mod tests {
         assert!(a.contains("-object memory-backend-ram,id=m1,size=1024M"));
         assert!(a.contains("-numa node,nodeid=0,cpus=0,memdev=m0"));
         assert!(a.contains("-numa node,nodeid=1,cpus=1,memdev=m1"));
-        assert!(a.contains("-no-reboot -d cpu_reset -D /r"));
+        assert!(a.contains("-serial stdio -d cpu_reset -D /r"));
+        assert!(!a.contains("-no-reboot"), "a reset must dump the CPU state");
         assert!(a.ends_with("-kernel /k -initrd /i -append console=ttyS0 panic=-1"));
         assert!(!a.contains("pc-dimm"));
         let four = Machine {

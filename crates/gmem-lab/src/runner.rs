@@ -165,16 +165,23 @@ pub struct RunReport {
 /// Boots of the lab per run: another one only when the lab's own kernel crashed before the
 /// suite finished. Under TCG the lab kernel has been seen to die on a stray int3 of its own
 /// live text patching (`Oops: int3`, 2 of about 15 runs with a nested Linux guest, as its
-/// VM was being created): the emulator, not a test, failed. Retries are reported, never
-/// hidden.
+/// VM was being created), and to triple-fault while a nested guest ran: the emulator, not a
+/// test, failed. Retries are reported, never hidden, with the crash line or the registers.
 const BOOT_ATTEMPTS: usize = 3;
 
-/// The lab kernel's first oops or panic line on its console, if it crashed.
-fn lab_kernel_crash(serial_log: &Path) -> Option<String> {
-    let text = fs::read_to_string(serial_log).ok()?;
-    text.lines()
+/// Why the lab's kernel died, if it did: its first oops or panic line on the console, else
+/// QEMU's account of a triple fault (with the registers), else that it reset the machine.
+fn lab_kernel_crash(serial_log: &Path, reset_log: &Path, reset: bool) -> Option<String> {
+    let text = fs::read_to_string(serial_log).unwrap_or_default();
+    let oops = text
+        .lines()
         .find(|l| l.contains("Oops:") || l.contains("Kernel panic - not syncing"))
-        .map(|l| l.trim().to_owned())
+        .map(|l| l.trim().to_owned());
+    let triple_fault = fs::read_to_string(reset_log)
+        .ok()
+        .and_then(|log| crate::qemu::triple_fault(&log));
+    oops.or(triple_fault)
+        .or_else(|| reset.then(|| "the lab's kernel reset the machine and booted again".to_owned()))
 }
 
 /// Checks the test names before anything is fetched.
@@ -348,8 +355,10 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
     );
     // gmemlab.cpus tells the agent how many CPUs QEMU was given (the nodes test checks the
     // kernel brought them all up); a dotted unknown parameter is ignored by the kernel.
+    // nokaslr: the instruction pointers of a lab kernel's triple fault (QEMU's reset log)
+    // then read straight against the kernel's System.map.
     let mut append = format!(
-        "console=ttyS0 panic=-1 quiet {}={}",
+        "console=ttyS0 panic=-1 quiet nokaslr {}={}",
         guest::CPUS_PARAM,
         opts.cpus
     );
@@ -409,7 +418,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
             .collect();
         let outcome = collector.finish(&opts.tests);
         let crash = (!boot.saw_done && !boot.timed_out)
-            .then(|| lab_kernel_crash(&machine.serial_log))
+            .then(|| lab_kernel_crash(&machine.serial_log, &machine.reset_log, boot.reset))
             .flatten();
         match crash {
             Some(line) if crashes.len() + 1 < BOOT_ATTEMPTS => {
@@ -515,7 +524,8 @@ mod tests {
     fn finds_the_lab_kernels_crash_line() {
         let dir = std::env::temp_dir().join(format!("gmem-lab-crash-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
-        let log = dir.join("serial.log");
+        let (log, resets) = (dir.join("serial.log"), dir.join("qemu-reset.log"));
+        let missing = dir.join("missing");
         fs::write(
             &log,
             "GMEMLAB-BOOT {}\n[   30.303707] Oops: int3: 0000 [#1] SMP NOPTI\n\
@@ -523,12 +533,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            lab_kernel_crash(&log).as_deref(),
+            lab_kernel_crash(&log, &missing, false).as_deref(),
             Some("[   30.303707] Oops: int3: 0000 [#1] SMP NOPTI")
         );
         fs::write(&log, "GMEMLAB-DONE\n").unwrap();
-        assert_eq!(lab_kernel_crash(&log), None);
-        assert_eq!(lab_kernel_crash(&dir.join("missing")), None);
+        assert_eq!(lab_kernel_crash(&log, &missing, false), None);
+        assert_eq!(lab_kernel_crash(&missing, &missing, false), None);
+        // A triple fault leaves nothing on the console, only QEMU's reset log.
+        fs::write(
+            &resets,
+            "Triple fault\nCPU Reset (CPU 1)\nRIP=ffffffff81000abc\n",
+        )
+        .unwrap();
+        let crash = lab_kernel_crash(&log, &resets, true).unwrap();
+        assert!(crash.contains("1: RIP=ffffffff81000abc"), "{crash}");
+        assert!(
+            lab_kernel_crash(&log, &missing, true)
+                .unwrap()
+                .contains("booted again")
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }
