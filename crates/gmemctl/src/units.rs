@@ -1,30 +1,8 @@
 //! The command line's shared values, parsed once for every subcommand: sizes ("256M",
-//! "1G"), durations ("1ms", "500us"), stop shares ("0.1") and verification levels.
+//! "1G"), durations ("1ms", "500us") and stop shares ("0.1"). Policies, mechanisms and
+//! verification levels are the library's own words (gmem's `clap` feature).
 
 use std::time::Duration;
-
-use gmem::migrate::Verify;
-
-/// What to verify after each step (`--verify` of migrate, demo and bench).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum VerifyArg {
-    /// Placement, PFNs and content hashes.
-    Full,
-    /// Placement and PFNs.
-    Placement,
-    /// Nothing.
-    Off,
-}
-
-impl From<VerifyArg> for Verify {
-    fn from(arg: VerifyArg) -> Self {
-        match arg {
-            VerifyArg::Full => Verify::Full,
-            VerifyArg::Placement => Verify::Placement,
-            VerifyArg::Off => Verify::Off,
-        }
-    }
-}
 
 /// A share of time in (0, 1], as `--max-stop-share` takes it.
 pub fn parse_share(text: &str) -> Result<f64, String> {

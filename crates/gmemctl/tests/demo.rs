@@ -163,5 +163,5 @@ fn bad_flag_values_are_user_errors() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let out = demo("demo_bad_mechanism", &["--mechanism", "teleport"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("use auto, native, remap or refault"));
+    assert!(stderr(&out).contains("[possible values: auto, native, remap, refault]"));
 }

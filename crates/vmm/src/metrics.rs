@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::guest::layout::Slice;
 use crate::histogram::{LatencyHistogram, LatencySummary};
@@ -29,7 +29,7 @@ pub struct MismatchReport {
 }
 
 /// How the guest ended its VM by itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum ResetCause {
     /// The guest pulsed the CPU reset line through the i8042 keyboard controller (0xFE to
@@ -72,7 +72,7 @@ impl std::fmt::Display for ResetCause {
 
 /// A vCPU's architectural state, kept when it crashed (KVM_GET_REGS, KVM_GET_SREGS,
 /// KVM_GET_VCPU_EVENTS, and KVM_TRANSLATE of RIP and RSP).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VcpuSnapshot {
     /// General registers: rax, rbx, rcx, rdx, rsi, rdi, rbp, rsp, r8..r15 in that order.
     pub gprs: [u64; 16],
@@ -159,7 +159,7 @@ impl std::fmt::Display for VcpuSnapshot {
 }
 
 /// When and how the guest ended its VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestReset {
     /// Milliseconds from `Vm::start`.
     pub at_ms: u64,

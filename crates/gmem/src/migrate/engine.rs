@@ -87,7 +87,7 @@ impl MigrationRequest {
 }
 
 /// Progress, reported after every step.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Progress {
     /// The mechanism running.
     pub mechanism: MechanismKind,

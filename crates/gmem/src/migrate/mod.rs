@@ -26,7 +26,7 @@ pub use engine::{InjectedFailure, MAX_BATCH_BYTES, MigrationRequest, Migrator, P
 pub use error::MigrateError;
 pub use journal::{BatchJournal, BatchPoint, JournalError};
 pub use movable::{ForeignMemory, MovableMemory};
-pub use plan::{PlacementPolicy, Plan, PlanInput, Step};
+pub use plan::{PlacementPolicy, Plan, PlanInput, PolicyKind, Step};
 pub use quiesce::{NothingToQuiesce, Paused, Quiesce, QuiesceError};
 pub use report::{
     ContentCheck, MechanismChoice, MechanismKind, MigrationReport, RestoredTo, StepOutcome,

@@ -25,6 +25,45 @@ pub enum PlacementPolicy {
     Follow(Vec<u32>),
 }
 
+/// The placement policies by name, as the API's JSON and the command line spell them; the
+/// nodes or CPUs they take come separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyKind {
+    /// Everything on one node.
+    Bind,
+    /// Everything off one node, spread over the others.
+    Drain,
+    /// Chunks round-robin over the nodes given.
+    Interleave,
+    /// On the nodes of the CPUs given.
+    Follow,
+}
+
+impl fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PolicyKind::Bind => "bind",
+            PolicyKind::Drain => "drain",
+            PolicyKind::Interleave => "interleave",
+            PolicyKind::Follow => "follow",
+        })
+    }
+}
+
+impl PlacementPolicy {
+    /// The policy's name.
+    pub fn kind(&self) -> PolicyKind {
+        match self {
+            PlacementPolicy::Bind(_) => PolicyKind::Bind,
+            PlacementPolicy::Drain(_) => PolicyKind::Drain,
+            PlacementPolicy::Interleave(_) => PolicyKind::Interleave,
+            PlacementPolicy::Follow(_) => PolicyKind::Follow,
+        }
+    }
+}
+
 impl fmt::Display for PlacementPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -11,6 +11,7 @@ use crate::numa::NodeId;
 
 /// A way of moving gmem pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum MechanismKind {
     /// The kernel's own folio migration (move_pages); the guest need not stop.
@@ -40,16 +41,31 @@ impl fmt::Display for MechanismKind {
     }
 }
 
-/// Which mechanism to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// Which mechanism to use. In JSON, one word: `"auto"`, `"native"`, `"remap"` or
+/// `"refault"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MechanismChoice {
     /// Native if the kernel migrates gmem, else remap if the layout has spare room, else refault.
     #[default]
     Auto,
     /// Exactly this one.
-    #[serde(untagged)]
     Exactly(MechanismKind),
+}
+
+impl Serialize for MechanismChoice {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MechanismChoice {
+    /// One of the four words; anything else is serde's "unknown variant" error, naming them.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        const WORDS: &[&str] = &["auto", "native", "remap", "refault"];
+        let word = String::deserialize(deserializer)?;
+        word.parse()
+            .map_err(|_| serde::de::Error::unknown_variant(&word, WORDS))
+    }
 }
 
 impl FromStr for MechanismKind {
@@ -76,6 +92,33 @@ impl FromStr for MechanismChoice {
     }
 }
 
+impl MechanismChoice {
+    /// Every choice: `auto`, then each mechanism.
+    pub const ALL: [MechanismChoice; 4] = [
+        MechanismChoice::Auto,
+        MechanismChoice::Exactly(MechanismKind::Native),
+        MechanismChoice::Exactly(MechanismKind::Remap),
+        MechanismChoice::Exactly(MechanismKind::Refault),
+    ];
+}
+
+#[cfg(feature = "clap")]
+impl clap::ValueEnum for MechanismChoice {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Self::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(match self {
+            MechanismChoice::Auto => clap::builder::PossibleValue::new("auto").help(
+                "Native if the kernel migrates gmem, else remap if the layout has spare room, \
+                 else refault",
+            ),
+            MechanismChoice::Exactly(kind) => kind.to_possible_value()?,
+        })
+    }
+}
+
 impl fmt::Display for MechanismChoice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -86,7 +129,7 @@ impl fmt::Display for MechanismChoice {
 }
 
 /// Where content went after a failed step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RestoredTo {
     /// Back where it was: the original memory, or fresh pages on the original node(s).
@@ -96,7 +139,7 @@ pub enum RestoredTo {
 }
 
 /// How one step ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum StepOutcome {
     /// All its pages moved.
@@ -123,7 +166,7 @@ pub enum StepOutcome {
 }
 
 /// Content check of one step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ContentCheck {
     /// Not checked (verification off, or confidential memory the host may not read).
@@ -135,7 +178,7 @@ pub enum ContentCheck {
 }
 
 /// The result of one step.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepReport {
     /// Offset from the start of guest RAM.
     pub guest_offset: u64,
@@ -166,7 +209,7 @@ pub struct StepReport {
 }
 
 /// Distribution of guest stop times, microseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct StopStats {
     /// Number of stops.
     pub count: u64,
@@ -216,7 +259,7 @@ pub struct StopPhases {
 }
 
 /// [`StopStats`] of each phase of the stops that were timed phase by phase.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct StopPhaseStats {
     /// See [`StopPhases::entry`].
     pub entry: StopStats,
@@ -268,7 +311,7 @@ impl std::fmt::Display for StopPhaseStats {
 }
 
 /// The verified result of a migration.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrationReport {
     /// The mechanism that ran.
     pub mechanism: MechanismKind,

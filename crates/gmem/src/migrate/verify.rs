@@ -12,6 +12,7 @@ pub const BLOCK: usize = 64 * 1024;
 
 /// How much to check after each step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum Verify {
     /// Placement, PFNs, and content, checked while the guest is stopped: byte for byte

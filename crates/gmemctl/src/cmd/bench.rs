@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use gmem::memory::{ChunkLayout, GmemFlags, GuestMemory, MemoryError, page_size};
 use gmem::migrate::{
     MechanismChoice, MechanismKind, MigrateError, MigrationReport, MigrationRequest, Migrator,
-    NothingToQuiesce, PlacementPolicy, StopPhaseStats, StopStats,
+    NothingToQuiesce, PlacementPolicy, StopPhaseStats, StopStats, Verify,
 };
 use gmem::numa::{NodeId, Topology};
 use gmem::sys::mman::Mmap;
@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::cmd::host::{CHUNK, TestHost, check_chunked_size};
 use crate::error::CliError;
 use crate::table::{Table, mib};
-use crate::units::{VerifyArg, parse_duration, parse_size};
+use crate::units::{parse_duration, parse_size};
 
 /// Spare chunks for remap: enough to keep allocation ahead of the copies.
 const SPARE_CHUNKS: u64 = 8;
@@ -36,9 +36,9 @@ pub struct Args {
     max_stop: Duration,
     /// Verification per step: full (placement, PFNs, content hashes), placement, off.
     #[arg(long, value_enum, default_value = "full")]
-    verify: VerifyArg,
+    verify: Verify,
     /// Measure only this mechanism (repeatable; default: all), e.g. to profile one.
-    #[arg(long = "mechanism", value_name = "MECHANISM")]
+    #[arg(long = "mechanism", value_enum, value_name = "MECHANISM")]
     mechanisms: Vec<MechanismKind>,
     /// Print the results as JSON.
     #[arg(long)]
@@ -215,7 +215,7 @@ fn measure(
     let request = MigrationRequest {
         mechanism: MechanismChoice::Exactly(mechanism),
         max_stop: args.max_stop,
-        verify: args.verify.into(),
+        verify: args.verify,
         relocate_in_place: from == to,
         ..MigrationRequest::new(PlacementPolicy::Bind(to))
     };

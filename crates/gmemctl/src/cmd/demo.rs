@@ -14,13 +14,13 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gmem::migrate::{MechanismChoice, MigrationRequest, Migrator, Progress};
+use gmem::migrate::{MechanismChoice, MigrationRequest, Migrator, Progress, Verify};
 use vmm::{Vm, VmConfig};
 
 pub use error::DemoError;
 
 use crate::error::CliError;
-use crate::units::{VerifyArg, parse_duration, parse_size};
+use crate::units::{parse_duration, parse_size};
 use guest_rate::{GuestRate, RateMeter};
 use machine::Machine;
 use memcpy::MemcpyBandwidth;
@@ -45,8 +45,8 @@ pub struct Args {
     /// vCPUs; each writes and verifies its own slice of guest RAM.
     #[arg(long, default_value_t = 2)]
     vcpus: u32,
-    /// How to move the memory: auto, native, remap or refault.
-    #[arg(long, value_name = "MECHANISM", default_value = "auto")]
+    /// How to move the memory.
+    #[arg(long, value_enum, default_value = "auto")]
     mechanism: MechanismChoice,
     /// Longest the guest may be stopped per step (e.g. 500us, 1ms).
     #[arg(long, value_name = "DURATION", default_value = "1ms", value_parser = parse_duration)]
@@ -59,7 +59,7 @@ pub struct Args {
     /// even for native), placement (placement and PFNs: native never stops the guest), or
     /// off. The guest checks every byte it wrote either way.
     #[arg(long, value_enum, default_value = "full")]
-    verify: VerifyArg,
+    verify: Verify,
     /// Where to write the placement map (SVG).
     #[arg(
         long,
@@ -209,7 +209,7 @@ fn request(args: &Args, step: &Move) -> MigrationRequest {
         policy: step.policy(),
         mechanism: args.mechanism,
         max_stop: args.max_stop,
-        verify: args.verify.into(),
+        verify: args.verify,
         relocate_in_place: step.in_place,
         max_stop_share: args.max_stop_share.0,
         inject: None,

@@ -8,13 +8,16 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gmem::migrate::MechanismChoice;
-use serde_json::Value;
-use vmm::api::{ApiClient, MigrateBody, PolicyName};
+use std::collections::BTreeMap;
+
+use gmem::migrate::{MechanismChoice, MechanismKind, MigrationReport, PolicyKind, Verify};
+use gmem::numa::NodeId;
+use vmm::api::model::{JobAccepted, JobState, JobView};
+use vmm::api::{ApiClient, MigrateBody};
 
 use crate::error::CliError;
 use crate::table::mib;
-use crate::units::{VerifyArg, parse_duration, parse_share};
+use crate::units::{parse_duration, parse_share};
 
 /// How often the job is polled.
 const POLL: Duration = Duration::from_millis(100);
@@ -22,19 +25,6 @@ const POLL: Duration = Duration::from_millis(100);
 const MAX_LIST_RANGE: u32 = 8192;
 /// Width of the progress bar, characters.
 const BAR: usize = 30;
-
-/// Placement policies.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum PolicyArg {
-    /// Everything on the one node in --nodes.
-    Bind,
-    /// Everything off the one node in --nodes.
-    Drain,
-    /// Chunks round-robin over --nodes.
-    Interleave,
-    /// On the nodes of --cpus.
-    Follow,
-}
 
 /// How far the journal goes to make a record last.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -82,7 +72,7 @@ pub struct Args {
     journal_sync: JournalSyncArg,
     /// Where memory should go.
     #[arg(long, value_enum)]
-    policy: PolicyArg,
+    policy: PolicyKind,
     /// Nodes in list syntax ("1", "0-1,3"): bind's target, drain's node to empty, or
     /// interleave's set.
     #[arg(long, value_name = "LIST", value_parser = parse_list)]
@@ -90,8 +80,8 @@ pub struct Args {
     /// CPUs in list syntax, whose nodes the memory should follow (follow only).
     #[arg(long, value_name = "LIST", value_parser = parse_list)]
     cpus: Option<NumberList>,
-    /// How to move pages: auto, native, remap or refault.
-    #[arg(long, value_name = "MECHANISM", default_value = "auto")]
+    /// How to move pages.
+    #[arg(long, value_enum, default_value = "auto")]
     mechanism: MechanismChoice,
     /// Longest the guest may be stopped per step, e.g. 500us or 1ms.
     #[arg(long, value_name = "DURATION", default_value = "1ms", value_parser = parse_duration)]
@@ -106,7 +96,7 @@ pub struct Args {
     max_stop_share: Option<f64>,
     /// What to verify after every step.
     #[arg(long, value_enum, default_value = "full")]
-    verify: VerifyArg,
+    verify: Verify,
     /// Print the finished job (request, report, guest mismatches) as JSON.
     #[arg(long)]
     json: bool,
@@ -144,19 +134,14 @@ pub fn parse_list(text: &str) -> Result<NumberList, String> {
 
 impl Args {
     fn body(&self) -> MigrateBody {
-        let mut body = MigrateBody::new(match self.policy {
-            PolicyArg::Bind => PolicyName::Bind,
-            PolicyArg::Drain => PolicyName::Drain,
-            PolicyArg::Interleave => PolicyName::Interleave,
-            PolicyArg::Follow => PolicyName::Follow,
-        });
+        let mut body = MigrateBody::new(self.policy);
         body.nodes = self.nodes.as_ref().map(|l| l.0.clone());
         body.cpus = self.cpus.as_ref().map(|l| l.0.clone());
-        body.mechanism = self.mechanism.into();
+        body.mechanism = self.mechanism;
         body.max_stop_us = u64::try_from(self.max_stop.as_micros()).unwrap_or(u64::MAX);
         body.relocate_in_place = self.relocate_in_place;
         body.max_stop_share = self.max_stop_share;
-        body.verify = self.verify.into();
+        body.verify = self.verify;
         body
     }
 }
@@ -193,9 +178,7 @@ fn run_api(socket: &Path, args: &Args) -> Result<(), CliError> {
     if reply.status != 202 {
         return Err(refusal(&reply));
     }
-    let id = reply.json::<Value>()?["id"]
-        .as_u64()
-        .ok_or_else(|| CliError::CheckFailed("the VMM accepted the job without an id".into()))?;
+    let id = reply.json::<JobAccepted>()?.id;
     let mut bar = ProgressBar::new(format!("migration {id}"));
     let job = loop {
         let reply = client.get(&format!("/memory/migrations/{id}"))?;
@@ -203,14 +186,22 @@ fn run_api(socket: &Path, args: &Args) -> Result<(), CliError> {
             bar.finish();
             return Err(refusal(&reply));
         }
-        let job: Value = reply.json()?;
-        if job["state"] != "running" {
+        let job: JobView = reply.json()?;
+        if job.state != JobState::Running {
             break job;
         }
-        bar.update(&job["progress"]);
+        if let Some(progress) = &job.progress {
+            bar.update(
+                progress.pages_moved,
+                progress.pages_planned,
+                progress.mechanism,
+            );
+        }
         std::thread::sleep(POLL);
     };
-    bar.update(&job["report"]);
+    if let Some(report) = &job.report {
+        bar.update(report.pages_moved, report.pages_planned, report.mechanism);
+    }
     bar.finish();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&job)?);
@@ -221,24 +212,26 @@ fn run_api(socket: &Path, args: &Args) -> Result<(), CliError> {
 }
 
 /// Exit status from the job's state.
-fn verdict(job: &Value) -> Result<(), CliError> {
-    let id = &job["id"];
-    match job["state"].as_str() {
-        Some("succeeded") => Ok(()),
-        Some("incomplete") => {
-            let report = &job["report"];
-            Err(CliError::CheckFailed(format!(
-                "migration {id} is incomplete: {} of {} planned pages moved, {} content hash \
-                 mismatches, {} guest mismatches",
-                report["pages_moved"],
-                report["pages_planned"],
-                report["content_mismatches"],
-                job["guest"]["mismatches"]
-            )))
-        }
+fn verdict(job: &JobView) -> Result<(), CliError> {
+    let id = job.id;
+    match (job.state, &job.report) {
+        (JobState::Succeeded, _) => Ok(()),
+        (JobState::Incomplete, Some(report)) => Err(CliError::CheckFailed(format!(
+            "migration {id} is incomplete: {} of {} planned pages moved, {} content hash \
+             mismatches, {} guest mismatches",
+            report.pages_moved,
+            report.pages_planned,
+            report.content_mismatches,
+            job.guest.as_ref().map_or(0, |g| g.mismatches)
+        ))),
         _ => Err(CliError::CheckFailed(format!(
-            "migration {id} failed: {}",
-            job["error"].as_str().unwrap_or("no reason given")
+            "migration {id} {}: {}",
+            if job.state == JobState::Incomplete {
+                "is incomplete"
+            } else {
+                "failed"
+            },
+            job.error.as_deref().unwrap_or("no reason given")
         ))),
     }
 }
@@ -267,20 +260,13 @@ impl ProgressBar {
         }
     }
 
-    /// `progress` is a Progress or a MigrationReport (both have the page counts).
-    fn update(&mut self, progress: &Value) {
-        let (Some(moved), Some(planned)) = (
-            progress["pages_moved"].as_u64(),
-            progress["pages_planned"].as_u64(),
-        ) else {
-            return;
-        };
+    /// Draws `moved` of `planned` pages, moved by `mechanism`.
+    fn update(&mut self, moved: u64, planned: u64, mechanism: MechanismKind) {
         let fraction = if planned == 0 {
             1.0
         } else {
             (moved as f64 / planned as f64).min(1.0)
         };
-        let mechanism = progress["mechanism"].as_str().unwrap_or("?");
         let mut err = std::io::stderr().lock();
         if self.terminal {
             let filled = (fraction * BAR as f64).round() as usize;
@@ -316,8 +302,7 @@ impl ProgressBar {
     }
 }
 
-fn us(value: &Value) -> String {
-    let us = value.as_u64().unwrap_or(0);
+fn us(us: u64) -> String {
     if us >= 1_000_000 {
         format!("{:.2} s", us as f64 / 1e6)
     } else if us >= 1000 {
@@ -327,58 +312,59 @@ fn us(value: &Value) -> String {
     }
 }
 
-fn per_node(counts: &Value) -> String {
-    match counts.as_object() {
-        Some(map) if !map.is_empty() => map
-            .iter()
-            .map(|(node, pages)| format!("node {node} {pages}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-        _ => "none".into(),
+fn per_node(counts: &BTreeMap<NodeId, u64>) -> String {
+    if counts.is_empty() {
+        return "none".into();
     }
+    counts
+        .iter()
+        .map(|(node, pages)| format!("node {node} {pages}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The finished job as text.
-fn render(job: &Value) -> String {
+fn render(job: &JobView) -> String {
     let mut out = format!(
         "migration {} {}: {}\n",
-        job["id"],
-        job["state"].as_str().unwrap_or("?"),
-        request_text(&job["request"]),
+        job.id,
+        job.state,
+        request_text(&job.request),
     );
-    let report = &job["report"];
-    if report.is_null() {
-        out += &format!(
-            "  error              {}\n",
-            job["error"].as_str().unwrap_or("none given")
+    let Some(report) = &job.report else {
+        out += &row(
+            "error",
+            job.error.clone().unwrap_or_else(|| "none given".into()),
         );
         return out;
-    }
+    };
     out += &render_report(report);
-    out += &row(
-        "guest",
-        format!(
-            "{} mismatches, {} sweeps during the migration",
-            job["guest"]["mismatches"], job["guest"]["sweeps"]
-        ),
-    );
+    if let Some(guest) = &job.guest {
+        out += &row(
+            "guest",
+            format!(
+                "{} mismatches, {} sweeps during the migration",
+                guest.mismatches, guest.sweeps
+            ),
+        );
+    }
     out += &render_outcome(report);
     out
 }
 
 /// A request's policy and its nodes or CPUs: "bind node 0", "follow cpu 0,1".
-fn request_text(request: &Value) -> String {
-    let list = |values: &Vec<Value>| {
+fn request_text(request: &MigrateBody) -> String {
+    let list = |values: &[u32]| {
         values
             .iter()
-            .map(Value::to_string)
+            .map(u32::to_string)
             .collect::<Vec<_>>()
             .join(",")
     };
     format!(
         "{}{}",
-        request["policy"].as_str().unwrap_or("?"),
-        match (request["nodes"].as_array(), request["cpus"].as_array()) {
+        request.policy,
+        match (&request.nodes, &request.cpus) {
             (Some(nodes), _) => format!(" node {}", list(nodes)),
             (None, Some(cpus)) => format!(" cpu {}", list(cpus)),
             _ => String::new(),
@@ -392,14 +378,14 @@ fn row(name: &str, value: String) -> String {
 }
 
 /// A MigrationReport's mechanism, pages, throughput, checks, stops and placement, as rows.
-fn render_report(report: &Value) -> String {
+fn render_report(report: &MigrationReport) -> String {
     let mut out = String::new();
     out += &row(
         "mechanism",
         format!(
             "{}{}",
-            report["mechanism"].as_str().unwrap_or("?"),
-            if report["relocate_in_place"] == true {
+            report.mechanism,
+            if report.relocate_in_place {
                 ", relocating pages in place"
             } else {
                 ""
@@ -410,29 +396,23 @@ fn render_report(report: &Value) -> String {
         "pages",
         format!(
             "{} planned, {} moved, {} not moved, {} already in place",
-            report["pages_planned"],
-            report["pages_moved"],
-            report["pages_not_moved"],
-            report["pages_in_place"]
+            report.pages_planned, report.pages_moved, report.pages_not_moved, report.pages_in_place
         ),
     );
     out += &row(
         "moved",
         format!(
             "{} in {} ({:.2} GB/s)",
-            mib(report["bytes_moved"].as_u64().unwrap_or(0)),
-            us(&report["elapsed_us"]),
-            report["throughput_gbps"].as_f64().unwrap_or(0.0)
+            mib(report.bytes_moved),
+            us(report.elapsed_us),
+            report.throughput_gbps
         ),
     );
     out += &row(
         "new frames",
-        match (
-            report["pfns_changed"].as_u64(),
-            report["pfns_checked"].as_u64(),
-        ) {
+        match (report.pfns_changed, report.pfns_checked) {
             (Some(changed), Some(checked)) => format!("{changed} of {checked} pages checked"),
-            _ if report["steps"] == 0 => "none to check (no step ran)".into(),
+            _ if report.steps == 0 => "none to check (no step ran)".into(),
             _ => "not checked (PFNs need root)".into(),
         },
     );
@@ -440,56 +420,52 @@ fn render_report(report: &Value) -> String {
         "content hashes",
         format!(
             "{} compared, {} differed",
-            report["content_checks"], report["content_mismatches"]
+            report.content_checks, report.content_mismatches
         ),
     );
-    let stops = &report["stops"];
+    let stops = &report.stops;
     out += &row(
         "guest stops",
         format!(
             "{}: p50 {}, p99 {}, max {}, total {}",
-            stops["count"],
-            us(&stops["p50_us"]),
-            us(&stops["p99_us"]),
-            us(&stops["max_us"]),
-            us(&stops["total_us"])
+            stops.count,
+            us(stops.p50_us),
+            us(stops.p99_us),
+            us(stops.max_us),
+            us(stops.total_us)
         ),
     );
     out += &row(
         "pages per node",
         format!(
             "before: {}; after: {}",
-            per_node(&report["before"]),
-            per_node(&report["after"])
+            per_node(&report.before),
+            per_node(&report.after)
         ),
     );
     out
 }
 
 /// Whether the report is complete, its failed steps and its notes, as rows.
-fn render_outcome(report: &Value) -> String {
+fn render_outcome(report: &MigrationReport) -> String {
     let mut out = String::new();
     out += &row(
         "complete",
-        if report["complete"] == true {
-            "yes".into()
-        } else {
-            "no".into()
-        },
+        if report.complete { "yes" } else { "no" }.into(),
     );
-    for failure in report["failures"].as_array().into_iter().flatten() {
+    for failure in &report.failures {
         out += &row(
             "failed step",
             format!(
                 "guest offset {:#x}, {}: {}",
-                failure["guest_offset"].as_u64().unwrap_or(0),
-                mib(failure["len"].as_u64().unwrap_or(0)),
-                failure["outcome"]
+                failure.guest_offset,
+                mib(failure.len),
+                serde_json::to_string(&failure.outcome).unwrap_or_default()
             ),
         );
     }
-    for note in report["notes"].as_array().into_iter().flatten() {
-        out += &row("note", note.as_str().unwrap_or("").to_owned());
+    for note in &report.notes {
+        out += &row("note", note.clone());
     }
     out
 }
@@ -511,10 +487,12 @@ mod tests {
     #[test]
     fn renders_a_finished_job() {
         let job = serde_json::json!({
-            "id": 3, "state": "succeeded",
-            "request": {"policy": "bind", "nodes": [0]},
+            "id": 3, "state": "succeeded", "elapsed_ms": 2,
+            "request": {"policy": "bind", "nodes": [0], "mechanism": "remap",
+                        "max_stop_us": 1000, "relocate_in_place": true},
             "report": {
-                "mechanism": "remap", "relocate_in_place": true, "pages_planned": 10,
+                "mechanism": "remap", "policy": "bind 0", "relocate_in_place": true,
+                "pages_planned": 10, "steps": 1,
                 "pages_moved": 10, "pages_not_moved": 0, "pages_in_place": 0,
                 "bytes_moved": 40960, "elapsed_us": 1500, "throughput_gbps": 0.03,
                 "pfns_changed": 10, "pfns_checked": 10, "content_checks": 1,
@@ -524,8 +502,9 @@ mod tests {
                 "before": {"0": 10}, "after": {"0": 10}, "complete": true,
                 "failures": [], "notes": ["a note"]
             },
-            "guest": {"mismatches": 0, "sweeps": 5}
+            "guest": {"mismatches": 0, "sweeps": 5, "reset": null}
         });
+        let job: JobView = serde_json::from_value(job).unwrap();
         let text = render(&job);
         assert!(
             text.starts_with("migration 3 succeeded: bind node 0\n"),
@@ -537,7 +516,7 @@ mod tests {
         assert!(text.contains("note               a note"), "{text}");
         assert!(verdict(&job).is_ok());
         let mut incomplete = job.clone();
-        incomplete["state"] = "incomplete".into();
+        incomplete.state = JobState::Incomplete;
         assert!(verdict(&incomplete).is_err());
     }
 }

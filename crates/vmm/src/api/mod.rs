@@ -19,8 +19,8 @@ pub use client::{ApiClient, ApiClientError, ApiReply};
 pub use error::ApiError;
 pub use jobs::KEPT_JOBS;
 pub use request::{
-    ApiRequest, CPU_LIMIT, MAX_BODY_BYTES, MAX_STOP_US_LIMIT, MechanismName, MigrateBody,
-    PolicyName, RequestedState, VmStateBody, parse_request,
+    ApiRequest, CPU_LIMIT, MAX_BODY_BYTES, MAX_STOP_US_LIMIT, MigrateBody, RequestedState,
+    VmStateBody, parse_request,
 };
 pub use router::{Api, ApiResponse};
 pub use server::{ApiServer, ApiServerError};

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use gmem::memory::{GmemFlags, PlacementRange};
 use gmem::migrate::{MechanismKind, MigrationReport, Progress};
 use gmem::numa::NodeId;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::request::MigrateBody;
 use crate::config::VmConfig;
@@ -85,7 +85,7 @@ pub struct PlacementInfo {
 }
 
 /// Where a migration job is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Still moving pages.
@@ -98,8 +98,19 @@ pub enum JobState {
     Failed,
 }
 
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Incomplete => "incomplete",
+            JobState::Failed => "failed",
+        })
+    }
+}
+
 /// What the guest saw while a migration ran.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestDuring {
     /// Words the guest found wrong between the job's start and end. Must be 0.
     pub mismatches: u64,
@@ -111,7 +122,7 @@ pub struct GuestDuring {
 }
 
 /// `GET /memory/migrations/{id}`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobView {
     /// The job's id.
     pub id: u64,
@@ -132,7 +143,7 @@ pub struct JobView {
 }
 
 /// One line of `GET /memory/migrations`.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct JobSummary {
     /// The job's id.
     pub id: u64,
@@ -141,7 +152,7 @@ pub struct JobSummary {
 }
 
 /// `GET /memory/migrations`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobList {
     /// The running job, if any.
     pub running: Option<u64>,
@@ -150,7 +161,7 @@ pub struct JobList {
 }
 
 /// The answer to `PUT /memory/migrate`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobAccepted {
     /// Poll `GET /memory/migrations/{id}`.
     pub id: u64,

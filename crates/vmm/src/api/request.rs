@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use gmem::migrate::{MechanismChoice, MechanismKind, MigrationRequest, PlacementPolicy, Verify};
+use gmem::migrate::{MechanismChoice, MigrationRequest, PlacementPolicy, PolicyKind, Verify};
 use gmem::numa::{NodeId, NodeMask};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -60,57 +60,6 @@ pub struct VmStateBody {
     pub state: RequestedState,
 }
 
-/// Placement policies by name, as the JSON spells them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PolicyName {
-    /// Everything on the one node in `nodes`.
-    Bind,
-    /// Everything off the one node in `nodes`.
-    Drain,
-    /// Chunks round-robin over `nodes`.
-    Interleave,
-    /// On the nodes of `cpus`.
-    Follow,
-}
-
-/// Mechanisms by name, as the JSON spells them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MechanismName {
-    /// Native where the kernel migrates gmem, else remap, else refault.
-    #[default]
-    Auto,
-    /// The kernel's folio migration.
-    Native,
-    /// Copy to a spare chunk and rebind its memslot.
-    Remap,
-    /// Copy out, punch, re-allocate on the target, copy back.
-    Refault,
-}
-
-impl From<MechanismName> for MechanismChoice {
-    fn from(name: MechanismName) -> Self {
-        match name {
-            MechanismName::Auto => MechanismChoice::Auto,
-            MechanismName::Native => MechanismChoice::Exactly(MechanismKind::Native),
-            MechanismName::Remap => MechanismChoice::Exactly(MechanismKind::Remap),
-            MechanismName::Refault => MechanismChoice::Exactly(MechanismKind::Refault),
-        }
-    }
-}
-
-impl From<MechanismChoice> for MechanismName {
-    fn from(choice: MechanismChoice) -> Self {
-        match choice {
-            MechanismChoice::Auto => MechanismName::Auto,
-            MechanismChoice::Exactly(MechanismKind::Native) => MechanismName::Native,
-            MechanismChoice::Exactly(MechanismKind::Remap) => MechanismName::Remap,
-            MechanismChoice::Exactly(MechanismKind::Refault) => MechanismName::Refault,
-        }
-    }
-}
-
 fn default_max_stop_us() -> u64 {
     1000
 }
@@ -124,7 +73,7 @@ fn default_max_stop_us() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct MigrateBody {
     /// Where memory should go.
-    pub policy: PolicyName,
+    pub policy: PolicyKind,
     /// Target nodes (bind, interleave) or the node to empty (drain).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes: Option<Vec<u32>>,
@@ -133,7 +82,7 @@ pub struct MigrateBody {
     pub cpus: Option<Vec<u32>>,
     /// How to move pages.
     #[serde(default)]
-    pub mechanism: MechanismName,
+    pub mechanism: MechanismChoice,
     /// Longest the guest may be stopped per step, microseconds (1..=10 000 000).
     #[serde(default = "default_max_stop_us")]
     pub max_stop_us: u64,
@@ -152,12 +101,12 @@ pub struct MigrateBody {
 
 impl MigrateBody {
     /// A body for `policy` with every other field at its default.
-    pub fn new(policy: PolicyName) -> Self {
+    pub fn new(policy: PolicyKind) -> Self {
         MigrateBody {
             policy,
             nodes: None,
             cpus: None,
-            mechanism: MechanismName::Auto,
+            mechanism: MechanismChoice::Auto,
             max_stop_us: default_max_stop_us(),
             relocate_in_place: false,
             max_stop_share: None,
@@ -184,8 +133,8 @@ impl MigrateBody {
             ));
         }
         let policy = match self.policy {
-            PolicyName::Bind | PolicyName::Drain => {
-                let name = if self.policy == PolicyName::Bind {
+            PolicyKind::Bind | PolicyKind::Drain => {
+                let name = if self.policy == PolicyKind::Bind {
                     "bind"
                 } else {
                     "drain"
@@ -200,13 +149,13 @@ impl MigrateBody {
                         ));
                     }
                 };
-                if self.policy == PolicyName::Bind {
+                if self.policy == PolicyKind::Bind {
                     PlacementPolicy::Bind(node)
                 } else {
                     PlacementPolicy::Drain(node)
                 }
             }
-            PolicyName::Interleave => {
+            PolicyKind::Interleave => {
                 self.no_cpus("interleave")?;
                 let nodes = match self.nodes.as_deref() {
                     Some(nodes) if !nodes.is_empty() => nodes,
@@ -225,7 +174,7 @@ impl MigrateBody {
                 }
                 PlacementPolicy::Interleave(mask)
             }
-            PolicyName::Follow => {
+            PolicyKind::Follow => {
                 if self.nodes.is_some() {
                     return invalid(
                         "follow takes CPUs in \"cpus\", not nodes, e.g. \
@@ -254,7 +203,7 @@ impl MigrateBody {
             }
         };
         let mut request = MigrationRequest::new(policy);
-        request.mechanism = self.mechanism.into();
+        request.mechanism = self.mechanism;
         request.max_stop = Duration::from_micros(self.max_stop_us);
         request.verify = self.verify;
         request.relocate_in_place = self.relocate_in_place;
@@ -274,20 +223,20 @@ impl MigrateBody {
     /// The body that asks for `request`: what a job echoes back as its request.
     pub fn from_request(request: &MigrationRequest) -> Self {
         let (policy, nodes, cpus) = match &request.policy {
-            PlacementPolicy::Bind(n) => (PolicyName::Bind, Some(vec![n.0]), None),
-            PlacementPolicy::Drain(n) => (PolicyName::Drain, Some(vec![n.0]), None),
+            PlacementPolicy::Bind(n) => (PolicyKind::Bind, Some(vec![n.0]), None),
+            PlacementPolicy::Drain(n) => (PolicyKind::Drain, Some(vec![n.0]), None),
             PlacementPolicy::Interleave(set) => (
-                PolicyName::Interleave,
+                PolicyKind::Interleave,
                 Some(set.iter().map(|n| n.0).collect()),
                 None,
             ),
-            PlacementPolicy::Follow(cpus) => (PolicyName::Follow, None, Some(cpus.clone())),
+            PlacementPolicy::Follow(cpus) => (PolicyKind::Follow, None, Some(cpus.clone())),
         };
         MigrateBody {
             policy,
             nodes,
             cpus,
-            mechanism: request.mechanism.into(),
+            mechanism: request.mechanism,
             max_stop_us: u64::try_from(request.max_stop.as_micros()).unwrap_or(u64::MAX),
             relocate_in_place: request.relocate_in_place,
             max_stop_share: request.max_stop_share,
@@ -422,6 +371,7 @@ fn parse_id(id: &str) -> Result<u64, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gmem::migrate::MechanismKind;
 
     fn put_migrate(body: &str) -> Result<ApiRequest, ApiError> {
         parse_request("PUT", "/memory/migrate", body.as_bytes())

@@ -15,7 +15,6 @@ use gmem::migrate::{
 };
 use gmem::numa::NumaMaps;
 use serde::Serialize;
-use serde_json::Value;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use vmm::api::MigrateBody;
 
@@ -187,7 +186,7 @@ pub(super) fn run(kvm_device: &Path, pid: u32, args: &Args) -> Result<(), CliErr
     if args.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {
-        print!("{}", render(&result, &serde_json::to_value(&result)?));
+        print!("{}", render(&result));
     }
     if complete {
         Ok(())
@@ -237,9 +236,7 @@ fn migrate_each(
             gmem.fds()[0]
         )));
         let progress = |p: &Progress| {
-            if let Ok(value) = serde_json::to_value(p) {
-                lock(&bar).update(&value);
-            }
+            lock(&bar).update(p.pages_moved, p.pages_planned, p.mechanism);
         };
         let result = Migrator::over(&memory, stopper)
             .with_journal(&gmem_journal)
@@ -248,10 +245,8 @@ fn migrate_each(
             .migrate(request);
         lock(&bar).finish();
         let report = result?;
-        if let Ok(value) = serde_json::to_value(&report) {
-            lock(&bar).update(&value);
-            lock(&bar).finish();
-        }
+        lock(&bar).update(report.pages_moved, report.pages_planned, report.mechanism);
+        lock(&bar).finish();
         moved.push(GmemMigration {
             fds: gmem.fds().to_vec(),
             inode: gmem.inode(),
@@ -414,7 +409,7 @@ fn future_allocations(
     }
 }
 
-fn render(result: &PidMigration, json: &Value) -> String {
+fn render(result: &PidMigration) -> String {
     let mut out = format!(
         "process {} {}: {}\n",
         result.pid,
@@ -423,7 +418,7 @@ fn render(result: &PidMigration, json: &Value) -> String {
         } else {
             "incomplete"
         },
-        request_text(&json["request"])
+        request_text(&result.request)
     );
     out += &row(
         "stopped with",
@@ -443,11 +438,7 @@ fn render(result: &PidMigration, json: &Value) -> String {
             }
         ),
     );
-    for (gmem, value) in result
-        .guest_memfds
-        .iter()
-        .zip(json["guest_memfds"].as_array().into_iter().flatten())
-    {
+    for gmem in &result.guest_memfds {
         out += &format!(
             "guest_memfd at fd {} (inode {}, {}):\n",
             gmem.fds
@@ -458,8 +449,8 @@ fn render(result: &PidMigration, json: &Value) -> String {
             gmem.inode,
             mib(gmem.size_bytes)
         );
-        out += &render_report(&value["report"]);
-        out += &render_outcome(&value["report"]);
+        out += &render_report(&gmem.report);
+        out += &render_outcome(&gmem.report);
     }
     let future = &result.future_allocations;
     out += &row(
