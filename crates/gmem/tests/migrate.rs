@@ -680,3 +680,44 @@ fn a_bind_covers_the_memory_the_guest_never_touched() {
         }
     }
 }
+
+/// A planned migration runs as it was planned: `run` neither plans nor probes again, so
+/// pages the guest touches after planning are not in it (the bind set before the move
+/// places them), and the mechanism `auto` chose is the one that runs.
+#[test]
+fn a_planned_migration_runs_as_planned() {
+    let Some((_kvm, vm)) = kvm_or_skip("a_planned_migration_runs_as_planned") else {
+        return;
+    };
+    let mem = GuestMemory::create(
+        vm,
+        ChunkLayout::chunked(8 * MIB, 2 * MIB, 1),
+        GmemFlags::HOST_MAPPABLE,
+    )
+    .unwrap();
+    mem.bind_to_vm().unwrap();
+    mem.write_guest(0, &vec![0xA5; 4 * MIB as usize]).unwrap();
+    let request = MigrationRequest {
+        relocate_in_place: true,
+        ..MigrationRequest::new(PlacementPolicy::Bind(home_node()))
+    };
+    let migrator = Migrator::new(&mem, &NothingToQuiesce);
+    let planned = migrator.plan(&request).unwrap();
+    assert_eq!(planned.mechanism(), MechanismKind::Remap, "auto on one node, with a spare");
+    let pages = 4 * MIB / page_size();
+    assert_eq!(planned.plan().pages_to_move, pages);
+    // Touched after planning: not part of this migration.
+    mem.write_guest(6 * MIB, &vec![0x5A; MIB as usize]).unwrap();
+    let report = migrator.run(planned).unwrap();
+    assert_eq!(report.mechanism, MechanismKind::Remap);
+    assert_eq!(report.pages_planned, pages);
+    assert_verified(&report);
+    let zero_stop = MigrationRequest {
+        max_stop: Duration::ZERO,
+        ..request
+    };
+    assert!(matches!(
+        migrator.plan(&zero_stop),
+        Err(MigrateError::InvalidRequest(_))
+    ));
+}

@@ -99,6 +99,45 @@ pub struct Progress {
     pub steps: u64,
 }
 
+/// A migration planned and not yet run: the mechanism chosen, the steps, and the placement
+/// they were planned from. [`Migrator::plan`] makes one (reading placement and topology and,
+/// for `auto`, probing the kernel once); [`Migrator::run`] carries it out without planning
+/// or probing again, so a caller that checks a request before running it plans only once.
+#[derive(Debug, Clone)]
+pub struct PlannedMigration {
+    request: MigrationRequest,
+    mechanism: MechanismKind,
+    plan: Plan,
+    before: Placement,
+}
+
+impl PlannedMigration {
+    /// The request it was planned for.
+    pub fn request(&self) -> &MigrationRequest {
+        &self.request
+    }
+
+    /// The mechanism that will move the pages.
+    pub fn mechanism(&self) -> MechanismKind {
+        self.mechanism
+    }
+
+    /// The steps.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+}
+
+/// What the steps of a running migration have produced so far, summed into the report at
+/// the end.
+#[derive(Debug)]
+struct Tally {
+    started: Instant,
+    reports: Vec<StepReport>,
+    stops: Vec<Duration>,
+    notes: Vec<String>,
+}
+
 /// Moves one guest memory's pages between nodes.
 pub struct Migrator<'a> {
     memory: &'a dyn MovableMemory,
@@ -242,45 +281,57 @@ impl<'a> Migrator<'a> {
         }
     }
 
-    /// Plans `request` without moving anything.
-    pub fn plan(&self, request: &MigrationRequest) -> Result<(MechanismKind, Plan), MigrateError> {
-        let topology = Topology::read().map_err(MemoryError::from)?;
-        let mechanism = self.choose(request, &topology)?;
-        let placement = self.memory.guest_placement()?;
-        let plan = request.policy.plan(
-            &topology,
-            PlanInput {
-                placement: &placement,
-                unit: self.unit(),
-                whole_units: mechanism == MechanismKind::Remap,
-                relocate_in_place: request.relocate_in_place,
-            },
-        )?;
-        Ok((mechanism, plan))
-    }
-
-    /// Runs `request`. Returns `Err` only if the migration could not start or a restore
-    /// failed; steps that failed and were restored are in the report.
-    pub fn migrate(&self, request: &MigrationRequest) -> Result<MigrationReport, MigrateError> {
+    /// Plans `request` without moving anything: every request the engine would refuse is
+    /// refused here.
+    pub fn plan(&self, request: &MigrationRequest) -> Result<PlannedMigration, MigrateError> {
         if request.max_stop.is_zero() {
             return Err(MigrateError::InvalidRequest(
                 "max_stop must be positive".into(),
             ));
         }
+        let topology = Topology::read().map_err(MemoryError::from)?;
+        let mechanism = self.choose(request, &topology)?;
+        let before = self.memory.guest_placement()?;
+        let plan = request.policy.plan(
+            &topology,
+            PlanInput {
+                placement: &before,
+                unit: self.unit(),
+                whole_units: mechanism == MechanismKind::Remap,
+                relocate_in_place: request.relocate_in_place,
+            },
+        )?;
+        Ok(PlannedMigration {
+            request: request.clone(),
+            mechanism,
+            plan,
+            before,
+        })
+    }
+
+    /// Runs `request`. Returns `Err` only if the migration could not start or a restore
+    /// failed; steps that failed and were restored are in the report.
+    pub fn migrate(&self, request: &MigrationRequest) -> Result<MigrationReport, MigrateError> {
+        let host = self.memory.host()?;
+        if host.mapping().is_err() {
+            if self.copier.is_none() {
+                return Err(MigrateError::Confidential {
+                    flags: host.gmem().flags(),
+                });
+            }
+            return self.migrate_confidential(request);
+        }
+        self.run(self.plan(request)?)
+    }
+
+    /// Carries out a planned migration (see [`plan`](Self::plan)). Returns `Err` only if the
+    /// migration could not start or a restore failed; steps that failed and were restored
+    /// are in the report.
+    pub fn run(&self, planned: PlannedMigration) -> Result<MigrationReport, MigrateError> {
         let started = Instant::now();
         let host = self.memory.host()?;
-        let confidential = host.mapping().is_err();
-        if confidential && self.copier.is_none() {
-            return Err(MigrateError::Confidential {
-                flags: host.gmem().flags(),
-            });
-        }
-        if confidential {
-            return self.migrate_confidential(request, started);
-        }
         let map = host.mapping()?;
-        let before = self.memory.guest_placement()?;
-        let (mechanism, plan) = self.plan(request)?;
+        let (request, mechanism, plan) = (&planned.request, planned.mechanism, &planned.plan);
         let pagemap = Pagemap::open_self().ok();
         let frames = FrameNodes::read();
         let mut notes = Vec::new();
@@ -312,7 +363,7 @@ impl<'a> Migrator<'a> {
         // Bind the ranges before moving them too: a page the guest touches for the first time
         // during the move is then allocated on the target, not left behind on the old node.
         // (Seen in the lab: 4 of 20,940 pages of a running Linux guest.)
-        self.apply_future_policy(request, &plan, |_| true)?;
+        self.apply_future_policy(request, plan, |_| true)?;
         let mut reports: Vec<StepReport> = Vec::new();
         let mut stops: Vec<Duration> = Vec::new();
         let mut pages_moved = 0u64;
@@ -390,7 +441,7 @@ impl<'a> Migrator<'a> {
             // The ranges were bound before the move; what did not move must not stay bound
             // to a target it never reached (a refused native left a VMM's whole gmem bound
             // to node 1 with every page on node 0).
-            self.apply_future_policy(request, &plan, moved)?;
+            self.apply_future_policy(request, plan, moved)?;
             return Err(e);
         }
         let mechanism = running.get();
@@ -417,11 +468,15 @@ impl<'a> Migrator<'a> {
         // Again after, for the steps that moved (remap has moved chunks to other guest_memfd
         // offsets). The others go back to the default policy: binding a range to a target
         // that could not take it would make the guest's next first touch there an OOM kill.
-        self.apply_future_policy(request, &plan, moved)?;
+        self.apply_future_policy(request, plan, moved)?;
         let after = self.memory.guest_placement()?;
-        Ok(self.finish(
-            mechanism, request, &plan, reports, &stops, before, after, started, notes,
-        ))
+        let tally = Tally {
+            started,
+            reports,
+            stops,
+            notes,
+        };
+        Ok(tally.finish(mechanism, &planned, after))
     }
 
     /// Runs the steps with one mechanism; `record` gets every report.
@@ -507,21 +562,101 @@ impl<'a> Migrator<'a> {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn finish(
+    /// Confidential memory: remap through the copier, chunk by chunk. The host cannot see
+    /// placement, so every chunk is planned and nothing is verified but the copier's word.
+    fn migrate_confidential(
         &self,
-        mechanism: MechanismKind,
         request: &MigrationRequest,
-        plan: &Plan,
-        reports: Vec<StepReport>,
-        stops: &[Duration],
-        before: Placement,
+    ) -> Result<MigrationReport, MigrateError> {
+        let started = Instant::now();
+        let copier = self.copier.expect("checked by the caller");
+        let target = match &request.policy {
+            PlacementPolicy::Bind(node) => *node,
+            other => {
+                return Err(MigrateError::InvalidRequest(format!(
+                    "confidential memory supports only bind, not {other}"
+                )));
+            }
+        };
+        let owned = match self.memory.remappable() {
+            Some(owned) if self.can_remap() => owned,
+            _ => {
+                return Err(MigrateError::MechanismUnavailable {
+                    mechanism: MechanismKind::Remap,
+                    reason: format!(
+                        "confidential memory moves only by remap, and {}",
+                        self.why_not_remap()
+                    ),
+                });
+            }
+        };
+        let layout = *owned.layout();
+        let pages_per_chunk = layout.chunk_size / page_size();
+        let plan = Plan {
+            steps: (0..layout.chunks())
+                .map(|c| Step {
+                    guest_offset: c * layout.chunk_size,
+                    len: layout.chunk_size,
+                    target,
+                    pages_to_move: pages_per_chunk,
+                })
+                .collect(),
+            unit_targets: vec![target; layout.chunks() as usize],
+            unit: layout.chunk_size,
+            pages_to_move: layout.chunks() * pages_per_chunk,
+            pages_in_place: 0,
+        };
+        let mut reports = Vec::new();
+        let mut stops = Vec::new();
+        for step in &plan.steps {
+            let report = remap_confidential(owned, self.quiesce, copier, step)?;
+            stops.extend(report.stop);
+            let failed = report.outcome != StepOutcome::Moved;
+            reports.push(report);
+            if failed {
+                break;
+            }
+        }
+        let unknown = Placement {
+            page_size: page_size(),
+            ranges: Vec::new(),
+        };
+        let notes = vec![
+            "confidential memory: content and placement verified by the ContentCopier only".into(),
+        ];
+        let planned = PlannedMigration {
+            request: request.clone(),
+            mechanism: MechanismKind::Remap,
+            plan,
+            before: unknown.clone(),
+        };
+        let tally = Tally {
+            started,
+            reports,
+            stops,
+            notes,
+        };
+        Ok(tally.finish(MechanismKind::Remap, &planned, unknown))
+    }
+}
+
+impl Tally {
+    /// The report of `planned`, run by `mechanism` (native may have handed over to
+    /// refault), with the placement found `after` it.
+    fn finish(
+        self,
+        mechanism: MechanismKind,
+        planned: &PlannedMigration,
         after: Placement,
-        started: Instant,
-        notes: Vec<String>,
     ) -> MigrationReport {
+        let Tally {
+            started,
+            reports,
+            stops,
+            mut notes,
+        } = self;
+        let (request, plan) = (&planned.request, &planned.plan);
         let elapsed = started.elapsed();
-        let mut notes = notes;
         let over = stops.iter().filter(|&&s| s > request.max_stop).count();
         if over > 0 {
             let shortest = stops.iter().min().copied().unwrap_or_default();
@@ -585,7 +720,7 @@ impl<'a> Migrator<'a> {
             },
             content_checks,
             content_mismatches,
-            stops: StopStats::from_durations(stops),
+            stops: StopStats::from_durations(&stops),
             stop_phases: StopPhaseStats::from_phases(
                 &reports
                     .iter()
@@ -595,87 +730,12 @@ impl<'a> Migrator<'a> {
             steps: reports.len() as u64,
             elapsed_us: elapsed.as_micros() as u64,
             throughput_gbps: bytes_moved as f64 / elapsed.as_secs_f64().max(1e-9) / 1e9,
-            before: before.per_node(),
+            before: planned.before.per_node(),
             after: after.per_node(),
             complete: failures.is_empty() && pages_moved == plan.pages_to_move,
             failures,
             notes,
         }
-    }
-
-    /// Confidential memory: remap through the copier, chunk by chunk. The host cannot see
-    /// placement, so every chunk is planned and nothing is verified but the copier's word.
-    fn migrate_confidential(
-        &self,
-        request: &MigrationRequest,
-        started: Instant,
-    ) -> Result<MigrationReport, MigrateError> {
-        let copier = self.copier.expect("checked by the caller");
-        let target = match &request.policy {
-            PlacementPolicy::Bind(node) => *node,
-            other => {
-                return Err(MigrateError::InvalidRequest(format!(
-                    "confidential memory supports only bind, not {other}"
-                )));
-            }
-        };
-        let owned = match self.memory.remappable() {
-            Some(owned) if self.can_remap() => owned,
-            _ => {
-                return Err(MigrateError::MechanismUnavailable {
-                    mechanism: MechanismKind::Remap,
-                    reason: format!(
-                        "confidential memory moves only by remap, and {}",
-                        self.why_not_remap()
-                    ),
-                });
-            }
-        };
-        let layout = *owned.layout();
-        let pages_per_chunk = layout.chunk_size / page_size();
-        let plan = Plan {
-            steps: (0..layout.chunks())
-                .map(|c| Step {
-                    guest_offset: c * layout.chunk_size,
-                    len: layout.chunk_size,
-                    target,
-                    pages_to_move: pages_per_chunk,
-                })
-                .collect(),
-            unit_targets: vec![target; layout.chunks() as usize],
-            unit: layout.chunk_size,
-            pages_to_move: layout.chunks() * pages_per_chunk,
-            pages_in_place: 0,
-        };
-        let mut reports = Vec::new();
-        let mut stops = Vec::new();
-        for step in &plan.steps {
-            let report = remap_confidential(owned, self.quiesce, copier, step)?;
-            stops.extend(report.stop);
-            let failed = report.outcome != StepOutcome::Moved;
-            reports.push(report);
-            if failed {
-                break;
-            }
-        }
-        let unknown = Placement {
-            page_size: page_size(),
-            ranges: Vec::new(),
-        };
-        let notes = vec![
-            "confidential memory: content and placement verified by the ContentCopier only".into(),
-        ];
-        Ok(self.finish(
-            MechanismKind::Remap,
-            request,
-            &plan,
-            reports,
-            &stops,
-            unknown.clone(),
-            unknown,
-            started,
-            notes,
-        ))
     }
 }
 

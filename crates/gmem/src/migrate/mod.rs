@@ -22,7 +22,9 @@ mod scratch;
 pub mod verify;
 
 pub use copier::{ContentCopier, CopierError, CopyOutcome};
-pub use engine::{InjectedFailure, MAX_BATCH_BYTES, MigrationRequest, Migrator, Progress};
+pub use engine::{
+    InjectedFailure, MAX_BATCH_BYTES, MigrationRequest, Migrator, PlannedMigration, Progress,
+};
 pub use error::MigrateError;
 pub use journal::{BatchJournal, BatchPoint, JournalError};
 pub use movable::{ForeignMemory, MovableMemory};

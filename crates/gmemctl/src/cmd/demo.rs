@@ -14,7 +14,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gmem::migrate::{MechanismChoice, MigrationRequest, Migrator, Progress, Verify};
+use gmem::migrate::{MechanismChoice, MechanismKind, MigrationRequest, Migrator, Progress, Verify};
 use vmm::{Vm, VmConfig};
 
 pub use error::DemoError;
@@ -103,7 +103,7 @@ fn demo(kvm_device: &Path, args: &Args) -> Result<DemoReport, DemoError> {
     let vm = Vm::start_on(kvm_device, config).map_err(DemoError::vm)?;
     prefault(&vm)?;
     let plan = MovePlan::for_host(&machine.topology, &vm, args.rounds)?;
-    check_mechanism(&vm, args, &plan, &machine)?;
+    let mechanisms = choose_mechanisms(&vm, args, &plan, &machine)?;
 
     let status = StatusLine::new();
     status.say("guest running; measuring its progress rate");
@@ -114,7 +114,16 @@ fn demo(kvm_device: &Path, args: &Args) -> Result<DemoReport, DemoError> {
     let mut results = Vec::new();
     let mut during_rate = GuestRate::default();
     for (index, step) in plan.moves.iter().enumerate() {
-        let result = run_move(&vm, args, step, index, plan.moves.len(), &memcpy, &status)?;
+        let request = request(args, step, MechanismChoice::Exactly(mechanisms[index]));
+        let result = run_move(
+            &vm,
+            &request,
+            step,
+            index,
+            plan.moves.len(),
+            &memcpy,
+            &status,
+        )?;
         during_rate = during_rate.plus(result.guest_rate);
         results.push(result);
         snapshots.push(Snapshot::take(&vm, &step.after_label(index))?);
@@ -177,18 +186,20 @@ fn prefault(vm: &Vm) -> Result<(), DemoError> {
     Ok(())
 }
 
-/// Refuses, before any time is spent, a mechanism that cannot do the planned moves.
-fn check_mechanism(
+/// The mechanism of each planned move, chosen once before any time is spent (`auto` probes
+/// the kernel here, and not again per move); a mechanism that cannot do a move is refused.
+fn choose_mechanisms(
     vm: &Vm,
     args: &Args,
     plan: &MovePlan,
     machine: &Machine,
-) -> Result<(), DemoError> {
+) -> Result<Vec<MechanismKind>, DemoError> {
     let migrator = Migrator::new(vm.memory(), vm.quiesce());
+    let mut chosen = Vec::with_capacity(plan.moves.len());
     for step in &plan.moves {
-        migrator.choose(&request(args, step), &machine.topology)?;
+        chosen.push(migrator.choose(&request(args, step, args.mechanism), &machine.topology)?);
     }
-    Ok(())
+    Ok(chosen)
 }
 
 /// `--max-stop-share`: a share in (0, 1], or none.
@@ -204,10 +215,10 @@ fn parse_stop_share(text: &str) -> Result<StopShare, String> {
         .map_err(|e| format!("{e}, or 'none'"))
 }
 
-fn request(args: &Args, step: &Move) -> MigrationRequest {
+fn request(args: &Args, step: &Move, mechanism: MechanismChoice) -> MigrationRequest {
     MigrationRequest {
         policy: step.policy(),
-        mechanism: args.mechanism,
+        mechanism,
         max_stop: args.max_stop,
         verify: args.verify,
         relocate_in_place: step.in_place,
@@ -220,7 +231,7 @@ fn request(args: &Args, step: &Move) -> MigrationRequest {
 /// exactly the time the move took.
 fn run_move(
     vm: &Vm,
-    args: &Args,
+    request: &MigrationRequest,
     step: &Move,
     index: usize,
     moves: usize,
@@ -240,7 +251,7 @@ fn run_move(
         ));
     };
     let migrator = Migrator::new(vm.memory(), vm.quiesce()).with_progress(&progress);
-    let report = migrator.migrate(&request(args, step))?;
+    let report = migrator.migrate(request)?;
     let rate = meter.finish(vm);
     Ok(MoveResult::new(index, step, report, rate, memcpy))
 }

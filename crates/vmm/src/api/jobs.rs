@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use gmem::migrate::{MigrationReport, MigrationRequest, Migrator, Progress};
+use gmem::migrate::{MigrationReport, MigrationRequest, Migrator, PlannedMigration, Progress};
 
 use super::error::{ApiError, sentence};
 use super::model::{GuestDuring, JobList, JobState, JobSummary, JobView, MigrationTotals};
@@ -179,7 +179,8 @@ impl Jobs {
         };
         // Planning reads placement and topology, and checks nodes and mechanism, without
         // moving anything: every request the engine would refuse is refused here, as a 400.
-        self.without_migration(|| Migrator::new(vm.memory(), vm.quiesce()).plan(&request))
+        let planned = self
+            .without_migration(|| Migrator::new(vm.memory(), vm.quiesce()).plan(&request))
             .map_err(|e| {
                 if e.is_user_error() {
                     ApiError::RefusedMigration(e)
@@ -205,7 +206,7 @@ impl Jobs {
                         jobs: &jobs,
                         job: &job,
                     };
-                    jobs.run(&vm, &job, &request);
+                    jobs.run(&vm, &job, planned);
                 })
                 .map_err(ApiError::SpawnMigration)?
         };
@@ -224,14 +225,14 @@ impl Jobs {
     }
 
     /// The job thread's body.
-    fn run(&self, vm: &Vm, job: &Job, request: &MigrationRequest) {
+    fn run(&self, vm: &Vm, job: &Job, planned: PlannedMigration) {
         let before = vm.metrics();
         let result = {
             let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
             let progress = |p: &Progress| job.set(Status::Running { progress: Some(*p) });
             Migrator::new(vm.memory(), vm.quiesce())
                 .with_progress(&progress)
-                .migrate(request)
+                .run(planned)
         };
         let after = vm.metrics();
         let elapsed = job.accepted.elapsed();
