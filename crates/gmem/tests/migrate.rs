@@ -703,7 +703,11 @@ fn a_planned_migration_runs_as_planned() {
     };
     let migrator = Migrator::new(&mem, &NothingToQuiesce);
     let planned = migrator.plan(&request).unwrap();
-    assert_eq!(planned.mechanism(), MechanismKind::Remap, "auto on one node, with a spare");
+    assert_eq!(
+        planned.mechanism(),
+        MechanismKind::Remap,
+        "auto on one node, with a spare"
+    );
     let pages = 4 * MIB / page_size();
     assert_eq!(planned.plan().pages_to_move, pages);
     // Touched after planning: not part of this migration.

@@ -10,29 +10,19 @@ use serde::{Deserialize, Serialize};
 use super::MigrateError;
 use super::copier::ContentCopier;
 use super::journal::BatchJournal;
-use super::mechanism::{Mechanism, StepContext};
+use super::mechanism::{REGISTRY, Setup, StepContext, Wanted, registration};
 use super::movable::MovableMemory;
-use super::native::Native;
 use super::plan::{PlacementPolicy, Plan, PlanInput, Step};
 use super::quiesce::Quiesce;
-use super::refault::Refault;
-use super::remap::{Remap, remap_confidential};
+use super::remap::remap_confidential;
 use super::report::{
     ContentCheck, MechanismChoice, MechanismKind, MigrationReport, StepOutcome, StepReport,
     StopPhaseStats, StopStats,
 };
 use super::verify::Verify;
-use crate::memory::{GmemFlags, GuestMemory, MemoryError, Placement, Policy, page_size};
+use crate::memory::{GuestMemory, MemoryError, Placement, Policy, page_size};
 use crate::numa::{FrameNodes, NodeMask, Pagemap, Topology};
-use crate::probe::{self, Verdict};
 
-/// Largest refault/native batch, bytes: bounds the bounce buffer (and a journal's buffer).
-pub const MAX_BATCH_BYTES: u64 = 4 << 20;
-const MAX_BATCH: u64 = MAX_BATCH_BYTES;
-/// Smallest batch the stop budget may shrink to, pages.
-const MIN_BATCH_PAGES: u64 = 16;
-/// First refault batch before any stop was measured, pages.
-const FIRST_BATCH_PAGES: u64 = 64;
 /// Unit of targets for layouts without chunks.
 const DEFAULT_UNIT: u64 = 2 << 20;
 
@@ -204,71 +194,33 @@ impl<'a> Migrator<'a> {
         self
     }
 
-    fn can_remap(&self) -> bool {
-        self.memory
-            .remappable()
-            .is_some_and(|owned| owned.layout().spare_chunks > 0 && owned.spare_chunks() > 0)
-    }
-
-    /// Why remap cannot serve this memory.
-    fn why_not_remap(&self) -> &'static str {
-        if self.memory.remappable().is_none() {
-            "remap rebinds memslots, which only the VMM that owns this memory can do: use refault or native"
-        } else {
-            "the memory layout has no free spare chunk (create it with spare chunks)"
+    fn setup<'s>(&'s self, request: &'s MigrationRequest) -> Setup<'s> {
+        Setup {
+            memory: self.memory,
+            request,
+            journal: self.journal,
         }
     }
 
-    /// Whether the kernel migrates this memory's folios: tried live on a scratch gmem with
-    /// the same flags, which needs two nodes with memory. Where the MIGRATABLE flag cannot
-    /// be known (another process's gmem), the probe assumes it set, so a yes is tentative.
-    fn native_works(&self, topology: &Topology) -> bool {
-        let vm = self.memory.scratch_vm();
-        let migratable = match self.memory.migratable() {
-            Some(known) => known,
-            None => crate::memory::GuestMemfd::supported_flags(vm)
-                .is_some_and(|f| f.contains(GmemFlags::MIGRATABLE)),
-        };
-        let flags = if migratable {
-            GmemFlags::HOST_MAPPABLE | GmemFlags::MIGRATABLE
-        } else {
-            GmemFlags::HOST_MAPPABLE
-        };
-        probe::native_migration(vm, topology, flags).verdict == Verdict::Yes
-    }
-
-    /// Picks the mechanism for `request`.
+    /// Picks the mechanism for `request`: the one it names, if that one can serve this
+    /// memory, or for `auto` the first in the registry's order that works here.
     pub fn choose(
         &self,
         request: &MigrationRequest,
         topology: &Topology,
     ) -> Result<MechanismKind, MigrateError> {
-        let unavailable = |mechanism, reason: &str| {
-            Err(MigrateError::MechanismUnavailable {
-                mechanism,
-                reason: reason.into(),
-            })
-        };
+        let setup = self.setup(request);
         match request.mechanism {
-            MechanismChoice::Exactly(MechanismKind::Native) if request.relocate_in_place => {
-                unavailable(
-                    MechanismKind::Native,
-                    "move_pages skips pages already on their target node, so it cannot relocate within a node",
-                )
-            }
-            MechanismChoice::Exactly(MechanismKind::Remap) if !self.can_remap() => {
-                unavailable(MechanismKind::Remap, self.why_not_remap())
-            }
-            MechanismChoice::Exactly(kind) => Ok(kind),
-            MechanismChoice::Auto => Ok(
-                if !request.relocate_in_place && self.native_works(topology) {
-                    MechanismKind::Native
-                } else if self.can_remap() {
-                    MechanismKind::Remap
-                } else {
-                    MechanismKind::Refault
-                },
-            ),
+            MechanismChoice::Exactly(kind) => (registration(kind).check)(&setup, Wanted::Asked)
+                .map(|()| kind)
+                .map_err(|reason| MigrateError::MechanismUnavailable {
+                    mechanism: kind,
+                    reason,
+                }),
+            MechanismChoice::Auto => Ok(REGISTRY
+                .iter()
+                .find(|r| (r.check)(&setup, Wanted::Auto(topology)).is_ok())
+                .map_or(MechanismKind::Refault, |r| r.kind)),
         }
     }
 
@@ -488,34 +440,8 @@ impl<'a> Migrator<'a> {
         request: &MigrationRequest,
         record: &mut dyn FnMut(StepReport, u64) -> bool,
     ) -> Result<(), MigrateError> {
-        match mechanism {
-            MechanismKind::Remap => {
-                let owned =
-                    self.memory
-                        .remappable()
-                        .ok_or_else(|| MigrateError::MechanismUnavailable {
-                            mechanism,
-                            reason: self.why_not_remap().into(),
-                        })?;
-                Remap { memory: owned }.run_pipelined(cx, steps, record)
-            }
-            MechanismKind::Native => {
-                // Without content checks native never stops the guest: take the largest batches.
-                let never_stops = !request.verify.checks_content();
-                run_batched(
-                    &mut Native::new(),
-                    cx,
-                    steps,
-                    request.max_stop,
-                    never_stops,
-                    record,
-                )
-            }
-            MechanismKind::Refault => {
-                let mut refault = Refault::new(self.memory.scratch_vm(), MAX_BATCH, self.journal)?;
-                run_batched(&mut refault, cx, steps, request.max_stop, false, record)
-            }
-        }
+        let mut mechanism = (registration(mechanism).build)(&self.setup(request))?;
+        mechanism.run(cx, steps, record)
     }
 
     /// Sets the policy for future allocations (pages the guest has not touched yet) of every
@@ -578,18 +504,12 @@ impl<'a> Migrator<'a> {
                 )));
             }
         };
-        let owned = match self.memory.remappable() {
-            Some(owned) if self.can_remap() => owned,
-            _ => {
-                return Err(MigrateError::MechanismUnavailable {
-                    mechanism: MechanismKind::Remap,
-                    reason: format!(
-                        "confidential memory moves only by remap, and {}",
-                        self.why_not_remap()
-                    ),
-                });
+        let owned = super::remap::remappable(self.memory).map_err(|why| {
+            MigrateError::MechanismUnavailable {
+                mechanism: MechanismKind::Remap,
+                reason: format!("confidential memory moves only by remap, and {why}"),
             }
-        };
+        })?;
         let layout = *owned.layout();
         let pages_per_chunk = layout.chunk_size / page_size();
         let plan = Plan {
@@ -736,106 +656,5 @@ impl Tally {
             failures,
             notes,
         }
-    }
-}
-
-/// Runs native or refault: each planned step cut into batches sized to the stop budget, or
-/// the largest batches for a mechanism that never stops the guest.
-fn run_batched(
-    mechanism: &mut dyn Mechanism,
-    cx: &StepContext<'_>,
-    steps: &[Step],
-    max_stop: Duration,
-    never_stops: bool,
-    record: &mut dyn FnMut(StepReport, u64) -> bool,
-) -> Result<(), MigrateError> {
-    let mut batch_pages = FIRST_BATCH_PAGES;
-    let mut index = 0;
-    for step in steps {
-        let mut at = 0;
-        while at < step.len {
-            let size = if never_stops {
-                MAX_BATCH
-            } else {
-                batch_pages * page_size()
-            };
-            let len = size.min(step.len - at);
-            let batch = Step {
-                guest_offset: step.guest_offset + at,
-                len,
-                target: step.target,
-                pages_to_move: len / page_size(),
-            };
-            at += len;
-            let report = mechanism.run(
-                &StepContext {
-                    index,
-                    ..cx.clone()
-                },
-                &batch,
-            )?;
-            index += 1;
-            if let Some(stop) = report.stop {
-                let entry = report.stop_entry.unwrap_or_default();
-                batch_pages = next_batch(batch.len, stop, entry, max_stop);
-            }
-            if !record(report, batch.pages_to_move) {
-                return Ok(());
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The next batch size, in pages, that should fit the stop budget, within [MIN_BATCH_PAGES,
-/// MAX_BATCH]. A stop is `entry` (getting the pause granted: the same for any batch) plus
-/// work that grows with the batch; the last batch's work rate fills what 80% of the budget
-/// leaves after the entry. Where the entry alone takes all of that (stopping every thread of
-/// a foreign VMM: 0.5-5 ms), no batch fits the budget, and a batch whose work takes as long
-/// as the entry keeps each stop within about twice the least possible while moving far more
-/// per stop than the smallest batch would.
-fn next_batch(len: u64, stop: Duration, entry: Duration, budget: Duration) -> u64 {
-    let work = stop.saturating_sub(entry).as_secs_f64().max(1e-6);
-    let rate = len as f64 / work;
-    let (usable, entry) = (budget.as_secs_f64() * 0.8, entry.as_secs_f64());
-    let room = if entry < usable {
-        usable - entry
-    } else {
-        entry
-    };
-    let bytes = rate * room;
-    ((bytes as u64) / page_size()).clamp(MIN_BATCH_PAGES, MAX_BATCH / page_size())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batches_follow_the_budget() {
-        // 256 KiB took 1 ms: at a 1 ms budget the next batch is 80% of that.
-        let ms = Duration::from_millis;
-        let us = Duration::from_micros;
-        assert_eq!(next_batch(256 << 10, ms(1), Duration::ZERO, ms(1)), 51);
-        // 0.3 ms of it was the pause: the other 0.7 ms moved 256 KiB, and 0.5 ms of the 0.8
-        // left after the pause moves 183 KiB (45 pages).
-        assert_eq!(next_batch(256 << 10, ms(1), us(300), ms(1)), 45);
-        // A pause of 5 ms against a 1 ms budget: the work may take as long as the pause.
-        // 64 KiB took 0.2 ms of work, so 5 ms of work moves 1.6 MiB (400 pages).
-        assert_eq!(next_batch(64 << 10, us(5200), ms(5), ms(1)), 400);
-        // A pause just inside the budget leaves room for the smallest batch only.
-        assert_eq!(
-            next_batch(64 << 10, us(900), us(700), ms(1)),
-            MIN_BATCH_PAGES
-        );
-        // Very slow steps bottom out; very fast ones are capped by the bounce buffer.
-        assert_eq!(
-            next_batch(4096, Duration::from_secs(1), Duration::ZERO, ms(1)),
-            MIN_BATCH_PAGES
-        );
-        assert_eq!(
-            next_batch(4 << 20, us(1), Duration::ZERO, ms(10)),
-            MAX_BATCH / page_size()
-        );
     }
 }

@@ -22,11 +22,10 @@ mod scratch;
 pub mod verify;
 
 pub use copier::{ContentCopier, CopierError, CopyOutcome};
-pub use engine::{
-    InjectedFailure, MAX_BATCH_BYTES, MigrationRequest, Migrator, PlannedMigration, Progress,
-};
+pub use engine::{InjectedFailure, MigrationRequest, Migrator, PlannedMigration, Progress};
 pub use error::MigrateError;
 pub use journal::{BatchJournal, BatchPoint, JournalError};
+pub use mechanism::MAX_BATCH_BYTES;
 pub use movable::{ForeignMemory, MovableMemory};
 pub use plan::{PlacementPolicy, Plan, PlanInput, PolicyKind, Step};
 pub use quiesce::{NothingToQuiesce, Paused, Quiesce, QuiesceError};

@@ -9,12 +9,18 @@ use std::io;
 use std::time::Duration;
 
 use super::MigrateError;
-use super::mechanism::{Mapped, Mechanism, StepContext, check_result, report};
+use super::mechanism::{
+    BatchMechanism, Batched, Mapped, Mechanism, Registration, Setup, StepContext, Wanted,
+    check_result, report,
+};
+use super::movable::MovableMemory;
 use super::plan::Step;
 use super::quiesce::Paused;
-use super::report::{ContentCheck, StepOutcome, StepReport};
+use super::report::{ContentCheck, MechanismKind, StepOutcome, StepReport};
 use super::verify::{self, BLOCK};
-use crate::memory::page_size;
+use crate::memory::{GmemFlags, GuestMemfd, page_size};
+use crate::numa::Topology;
+use crate::probe::{self, Verdict};
 use crate::sys::mempolicy;
 
 /// Marks a status entry the kernel did not write.
@@ -102,8 +108,56 @@ impl Native {
     }
 }
 
-impl Mechanism for Native {
-    fn run(&mut self, cx: &StepContext<'_>, step: &Step) -> Result<StepReport, MigrateError> {
+/// Native in the engine's registry.
+pub(crate) const REGISTRATION: Registration = Registration {
+    kind: MechanismKind::Native,
+    check,
+    build,
+};
+
+/// Native cannot relocate within a node; for `auto` it must also work here, tried live.
+fn check(setup: &Setup<'_>, wanted: Wanted<'_>) -> Result<(), String> {
+    if setup.request.relocate_in_place {
+        return Err(
+            "move_pages skips pages already on their target node, so it cannot relocate within a node"
+                .into(),
+        );
+    }
+    match wanted {
+        Wanted::Asked => Ok(()),
+        Wanted::Auto(topology) if works_here(setup.memory, topology) => Ok(()),
+        Wanted::Auto(_) => Err("the kernel does not migrate this memory's folios".into()),
+    }
+}
+
+/// Whether the kernel migrates this memory's folios: tried live on a scratch gmem with the
+/// same flags, which needs two nodes with memory. Where the MIGRATABLE flag cannot be known
+/// (another process's gmem), the probe assumes it set, so a yes is tentative.
+fn works_here(memory: &dyn MovableMemory, topology: &Topology) -> bool {
+    let vm = memory.scratch_vm();
+    let migratable = match memory.migratable() {
+        Some(known) => known,
+        None => GuestMemfd::supported_flags(vm).is_some_and(|f| f.contains(GmemFlags::MIGRATABLE)),
+    };
+    let flags = if migratable {
+        GmemFlags::HOST_MAPPABLE | GmemFlags::MIGRATABLE
+    } else {
+        GmemFlags::HOST_MAPPABLE
+    };
+    probe::native_migration(vm, topology, flags).verdict == Verdict::Yes
+}
+
+fn build<'a>(setup: &Setup<'a>) -> Result<Box<dyn Mechanism + 'a>, MigrateError> {
+    Ok(Box::new(Batched {
+        mechanism: Native::new(),
+        max_stop: setup.request.max_stop,
+        // Without content checks native never stops the guest: take the largest batches.
+        never_stops: !setup.request.verify.checks_content(),
+    }))
+}
+
+impl BatchMechanism for Native {
+    fn run_batch(&mut self, cx: &StepContext<'_>, step: &Step) -> Result<StepReport, MigrateError> {
         let offset = cx.gmem_offset(step);
         let pages = step.len / page_size();
         let addrs: Vec<usize> = (0..pages)

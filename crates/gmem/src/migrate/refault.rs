@@ -12,10 +12,13 @@
 //! buffer is a [`BatchJournal`]'s, recorded before the punch and cleared after the copy back.
 
 use super::journal::{BatchJournal, BatchPoint};
-use super::mechanism::{Mapped, Mechanism, StepContext, check_result, report};
+use super::mechanism::{
+    BatchMechanism, Batched, MAX_BATCH_BYTES, Mapped, Mechanism, Registration, Setup, StepContext,
+    Wanted, check_result, report,
+};
 use super::plan::Step;
 use super::quiesce::Paused;
-use super::report::{ContentCheck, RestoredTo, StepOutcome, StepReport};
+use super::report::{ContentCheck, MechanismKind, RestoredTo, StepOutcome, StepReport};
 use super::scratch::Scratch;
 use super::{InjectedFailure, MigrateError};
 use crate::memory::{MemoryError, Placement, Policy};
@@ -217,8 +220,29 @@ impl<'j> Refault<'j> {
     }
 }
 
-impl Mechanism for Refault<'_> {
-    fn run(&mut self, cx: &StepContext<'_>, step: &Step) -> Result<StepReport, MigrateError> {
+/// Refault in the engine's registry.
+pub(crate) const REGISTRATION: Registration = Registration {
+    kind: MechanismKind::Refault,
+    check,
+    build,
+};
+
+/// Refault serves any layout, owned or not.
+fn check(_setup: &Setup<'_>, _wanted: Wanted<'_>) -> Result<(), String> {
+    Ok(())
+}
+
+fn build<'a>(setup: &Setup<'a>) -> Result<Box<dyn Mechanism + 'a>, MigrateError> {
+    let refault = Refault::new(setup.memory.scratch_vm(), MAX_BATCH_BYTES, setup.journal)?;
+    Ok(Box::new(Batched {
+        mechanism: refault,
+        max_stop: setup.request.max_stop,
+        never_stops: false,
+    }))
+}
+
+impl BatchMechanism for Refault<'_> {
+    fn run_batch(&mut self, cx: &StepContext<'_>, step: &Step) -> Result<StepReport, MigrateError> {
         let offset = cx.gmem_offset(step);
         let len = step.len;
         assert!(

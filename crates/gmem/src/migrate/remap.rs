@@ -8,16 +8,64 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::copier::CopyOutcome;
-use super::mechanism::{Mapped, StepContext, check_result, report};
+use super::mechanism::{
+    Mapped, Mechanism, Registration, Setup, StepContext, Wanted, check_result, report,
+};
+use super::movable::MovableMemory;
 use super::plan::Step;
 use super::quiesce::Paused;
 use super::refault::root_cause;
-use super::report::{ContentCheck, RestoredTo, StepOutcome, StepReport, StopPhases};
+use super::report::{ContentCheck, MechanismKind, RestoredTo, StepOutcome, StepReport, StopPhases};
 use super::verify;
 use super::{InjectedFailure, MigrateError};
 use crate::memory::{GuestMemory, MemoryError, Policy, page_size};
 use crate::numa::NodeMask;
 use crate::sys::sched::{self, ThreadId};
+
+/// Remap in the engine's registry.
+pub(crate) const REGISTRATION: Registration = Registration {
+    kind: MechanismKind::Remap,
+    check,
+    build,
+};
+
+/// The memory as remap needs it: owned (this process binds its memslots), with a free
+/// spare chunk; else why not.
+pub(crate) fn remappable(memory: &dyn MovableMemory) -> Result<&GuestMemory, String> {
+    let owned = memory.remappable().ok_or_else(|| {
+        "remap rebinds memslots, which only the VMM that owns this memory can do: use refault or native"
+            .to_owned()
+    })?;
+    if owned.layout().spare_chunks == 0 || owned.spare_chunks() == 0 {
+        return Err(
+            "the memory layout has no free spare chunk (create it with spare chunks)".into(),
+        );
+    }
+    Ok(owned)
+}
+
+fn check(setup: &Setup<'_>, _wanted: Wanted<'_>) -> Result<(), String> {
+    remappable(setup.memory).map(drop)
+}
+
+fn build<'a>(setup: &Setup<'a>) -> Result<Box<dyn Mechanism + 'a>, MigrateError> {
+    let memory = remappable(setup.memory).map_err(|reason| MigrateError::MechanismUnavailable {
+        mechanism: MechanismKind::Remap,
+        reason,
+    })?;
+    Ok(Box::new(Remap { memory }))
+}
+
+impl Mechanism for Remap<'_> {
+    fn run(
+        &mut self,
+        cx: &StepContext<'_>,
+        steps: &[Step],
+        record: &mut dyn FnMut(StepReport, u64) -> bool,
+    ) -> Result<(), MigrateError> {
+        self.run_pipelined(cx, steps, record)
+    }
+}
 
 /// The remap mechanism, for memory whose memslots this process binds.
 #[derive(Clone, Copy)]
