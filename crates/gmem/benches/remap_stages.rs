@@ -17,10 +17,10 @@ const SPARE: u64 = 2;
 /// A chunked guest memory of 8 chunks and 2 spares, every guest chunk populated, or `None`
 /// (with a note) where /dev/kvm or a host-mappable guest_memfd is missing.
 fn memory() -> Option<GuestMemory> {
-    let kvm = gmem::kvm::open(Path::new(gmem::kvm::DEFAULT_KVM_DEVICE))
+    let kvm = gmem::sys::kvm::open(Path::new(gmem::sys::kvm::DEFAULT_KVM_DEVICE))
         .map_err(|e| eprintln!("remap_stages: no KVM ({e}); skipped"))
         .ok()?;
-    let vm = Arc::new(gmem::kvm::create_vm(&kvm).ok()?);
+    let vm = Arc::new(gmem::sys::kvm::create_vm(&kvm).ok()?);
     let Some(flags) = GuestMemfd::host_mappable_flags(&vm) else {
         eprintln!("remap_stages: this KVM has no host-mappable guest_memfd; skipped");
         return None;

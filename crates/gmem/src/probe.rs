@@ -7,9 +7,9 @@ use std::sync::Arc;
 use kvm_ioctls::{Kvm, VmFd};
 use serde::Serialize;
 
-use crate::kvm::{self, KvmError};
 use crate::memory::{GmemFlags, GuestMemfd, MemoryError, Placement, Policy, page_size};
 use crate::numa::{NodeMask, Topology};
+use crate::sys::kvm::{self, KvmError};
 use crate::sys::kvm::{
     KVM_CAP_GUEST_MEMFD, KVM_CAP_GUEST_MEMFD_FLAGS, KVM_CAP_MEMORY_ATTRIBUTES,
     KVM_CAP_USER_MEMORY2, KVM_CAP_VM_TYPES,

@@ -10,7 +10,7 @@ use kvm_ioctls::{Kvm, VmFd};
 /// host has no usable /dev/kvm. Panics instead of skipping when `GMEM_REQUIRE_KVM=1`.
 pub fn kvm_or_skip(test: &str) -> Option<(Kvm, Arc<VmFd>)> {
     let required = std::env::var("GMEM_REQUIRE_KVM").is_ok_and(|v| v == "1");
-    let kvm = match crate::kvm::open(Path::new(crate::kvm::DEFAULT_KVM_DEVICE)) {
+    let kvm = match crate::sys::kvm::open(Path::new(crate::sys::kvm::DEFAULT_KVM_DEVICE)) {
         Ok(kvm) => kvm,
         Err(e) if required => panic!("{test}: GMEM_REQUIRE_KVM=1 but KVM is unusable: {e}"),
         Err(e) => {
@@ -18,7 +18,7 @@ pub fn kvm_or_skip(test: &str) -> Option<(Kvm, Arc<VmFd>)> {
             return None;
         }
     };
-    let vm = crate::kvm::create_vm(&kvm).unwrap_or_else(|e| panic!("{test}: {e}"));
+    let vm = crate::sys::kvm::create_vm(&kvm).unwrap_or_else(|e| panic!("{test}: {e}"));
     Some((kvm, Arc::new(vm)))
 }
 

@@ -1,8 +1,8 @@
 //! `CliError`: every way a command can fail, and the exit code it maps to.
 
-use gmem::kvm::KvmError;
 use gmem::memory::MemoryError;
 use gmem::probe::ProbeError;
+use gmem::sys::kvm::KvmError;
 
 /// Exit code for a mistake the user can fix (bad input, missing device, no such process).
 pub const EXIT_USER: u8 = 2;

@@ -1,5 +1,7 @@
 //! `gmemctl`: probe, place, inspect and migrate KVM guest_memfd memory across NUMA nodes.
 
+#![forbid(unsafe_code)]
+
 mod cmd;
 mod error;
 mod table;
@@ -17,7 +19,7 @@ use error::CliError;
 #[command(name = "gmemctl", version, about, long_about = None)]
 struct Cli {
     /// KVM device to use.
-    #[arg(long, global = true, value_name = "PATH", default_value = gmem::kvm::DEFAULT_KVM_DEVICE)]
+    #[arg(long, global = true, value_name = "PATH", default_value = gmem::sys::kvm::DEFAULT_KVM_DEVICE)]
     kvm_device: PathBuf,
 
     #[command(subcommand)]

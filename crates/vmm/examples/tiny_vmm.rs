@@ -126,8 +126,8 @@ fn main() -> Result<(), Error> {
         Some(node) => node.parse()?,
         None => Topology::read()?.nodes[0].id,
     };
-    let kvm = gmem::kvm::open(Path::new(gmem::kvm::DEFAULT_KVM_DEVICE))?;
-    let vm = Arc::new(gmem::kvm::create_vm(&kvm)?);
+    let kvm = gmem::sys::kvm::open(Path::new(gmem::sys::kvm::DEFAULT_KVM_DEVICE))?;
+    let vm = Arc::new(gmem::sys::kvm::create_vm(&kvm)?);
 
     // Guest RAM: 2 MiB chunks, each its own memslot, plus spare room for remap.
     let chunks = ChunkLayout::chunked(GUEST_BYTES, CHUNK_BYTES, SPARE_CHUNKS);

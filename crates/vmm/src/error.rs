@@ -2,9 +2,9 @@
 
 use std::io;
 
-use gmem::kvm::KvmError;
 use gmem::memory::MemoryError;
 use gmem::migrate::QuiesceError;
+use gmem::sys::kvm::KvmError;
 
 use crate::linux::LinuxError;
 

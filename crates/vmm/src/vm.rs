@@ -38,7 +38,7 @@ impl Vm {
     /// built-in one, or the Linux kernel of `config.linux`) and starts one thread per vCPU.
     /// Returns as soon as the threads run.
     pub fn start(config: VmConfig) -> Result<Vm, VmError> {
-        Self::start_on(Path::new(gmem::kvm::DEFAULT_KVM_DEVICE), config)
+        Self::start_on(Path::new(gmem::sys::kvm::DEFAULT_KVM_DEVICE), config)
     }
 
     /// [`Vm::start`] on the KVM device at `kvm_device` (a /dev/kvm bind-mounted into a jail,
@@ -46,9 +46,9 @@ impl Vm {
     pub fn start_on(kvm_device: &Path, config: VmConfig) -> Result<Vm, VmError> {
         let started = Instant::now();
         config.validate().map_err(VmError::InvalidConfig)?;
-        let kvm = gmem::kvm::open(kvm_device).map_err(VmError::OpenKvm)?;
+        let kvm = gmem::sys::kvm::open(kvm_device).map_err(VmError::OpenKvm)?;
         check_host_limits(&kvm, &config)?;
-        let vm_fd = Arc::new(gmem::kvm::create_vm(&kvm).map_err(VmError::CreateVm)?);
+        let vm_fd = Arc::new(gmem::sys::kvm::create_vm(&kvm).map_err(VmError::CreateVm)?);
         let slot_zap_all_disabled = disable_slot_zap_all(&vm_fd)?;
         if config.linux.is_some() {
             linux::create_platform(&vm_fd).map_err(VmError::BootLinux)?;

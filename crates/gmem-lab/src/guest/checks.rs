@@ -6,9 +6,9 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use gmem::kvm::{DEFAULT_KVM_DEVICE, KVM_API_VERSION, KvmError};
 use gmem::memory::{GmemFlags, GuestMemfd, MemoryError};
 use gmem::numa::{NodeId, NodeMask};
+use gmem::sys::kvm::{DEFAULT_KVM_DEVICE, KVM_API_VERSION, KvmError};
 use gmem::sys::kvm::{KVM_CAP_GUEST_MEMFD, KVM_CAP_GUEST_MEMFD_FLAGS};
 use gmem::sys::mempolicy::{self, MPOL_BIND, MPOL_MF_MOVE, MPOL_MF_STRICT};
 use gmem::sys::mman::{Mmap, page_size};
@@ -264,7 +264,7 @@ pub fn nodes() -> Result<Verdict, GuestError> {
         ));
     }
     let dev_kvm = Path::new(DEFAULT_KVM_DEVICE).exists();
-    let kvm = match gmem::kvm::open(Path::new(DEFAULT_KVM_DEVICE)) {
+    let kvm = match gmem::sys::kvm::open(Path::new(DEFAULT_KVM_DEVICE)) {
         Ok(k) => {
             let api = k.get_api_version();
             if api != KVM_API_VERSION {
@@ -272,7 +272,7 @@ pub fn nodes() -> Result<Verdict, GuestError> {
                     "KVM_GET_API_VERSION is {api}, not {KVM_API_VERSION}"
                 ));
             }
-            let vm_flags = gmem::kvm::create_vm(&k)
+            let vm_flags = gmem::sys::kvm::create_vm(&k)
                 .map(|vm| vm.check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS))
                 .ok();
             json!({
@@ -356,8 +356,8 @@ pub fn anon_control() -> Result<Verdict, GuestError> {
 /// `gmem-stock`: gmem made without MIGRATABLE must stay put, with its bytes intact; the
 /// detail records exactly how the kernel refused.
 pub fn gmem_stock() -> Result<Verdict, GuestError> {
-    let kvm = gmem::kvm::open(Path::new(DEFAULT_KVM_DEVICE))?;
-    let vm = gmem::kvm::create_vm(&kvm)?;
+    let kvm = gmem::sys::kvm::open(Path::new(DEFAULT_KVM_DEVICE))?;
+    let vm = gmem::sys::kvm::create_vm(&kvm)?;
     let cap_flags = vm.check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS);
     let size = (PAGES * page_size()) as u64;
     let flags = GmemFlags::HOST_MAPPABLE;

@@ -6,13 +6,13 @@ use std::process::{Child, ChildStdout, Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use gmem::kvm::DEFAULT_KVM_DEVICE;
 use gmem::memory::{ChunkLayout, GuestMemfd, GuestMemory, MemoryError, Policy, page_size};
 use gmem::migrate::{
     MechanismChoice, MechanismKind, MigrationReport, MigrationRequest, Migrator, NothingToQuiesce,
     PlacementPolicy, StepOutcome,
 };
 use gmem::numa::{NodeId, NodeMask, NodeRoom, Topology};
+use gmem::sys::kvm::DEFAULT_KVM_DEVICE;
 use gmem::sys::mman::Mmap;
 use gmem::testing::{fill_seed_pattern, first_seed_mismatch};
 use serde_json::{Value, json};
@@ -309,11 +309,11 @@ pub fn full_node() -> Result<Verdict, GuestError> {
             });
         }
     }
-    let kvm = gmem::kvm::open(std::path::Path::new(DEFAULT_KVM_DEVICE))?;
+    let kvm = gmem::sys::kvm::open(std::path::Path::new(DEFAULT_KVM_DEVICE))?;
     // Guest memory in a VM of its own, filled with the seed pattern on node 0, laid out for
     // the mechanism.
     let seeded = |mechanism| -> Result<GuestMemory, GuestError> {
-        let vm = Arc::new(gmem::kvm::create_vm(&kvm)?);
+        let vm = Arc::new(gmem::sys::kvm::create_vm(&kvm)?);
         let flags = GuestMemfd::host_mappable_flags(&vm).ok_or(MemoryError::NotHostMappable {
             flags: GuestMemfd::supported_flags(&vm).unwrap_or_default(),
         })?;

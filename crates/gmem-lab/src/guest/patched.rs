@@ -8,9 +8,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use gmem::kvm::DEFAULT_KVM_DEVICE;
 use gmem::memory::{ChunkLayout, GmemFlags, GuestMemfd, GuestMemory, Policy};
 use gmem::numa::{FrameNodes, NodeId, NodeMask, Pagemap};
+use gmem::sys::kvm::DEFAULT_KVM_DEVICE;
 use gmem::sys::kvm::KVM_CAP_GUEST_MEMFD_FLAGS;
 use gmem::testing::{fill_seed_pattern, first_seed_mismatch};
 use serde_json::{Value, json};
@@ -211,8 +211,8 @@ pub fn kernel_selftest() -> Result<Verdict, GuestError> {
         ));
         return Ok(verdict(&problems, json!({})));
     }
-    let kvm = gmem::kvm::open(Path::new(DEFAULT_KVM_DEVICE))?;
-    let vm = gmem::kvm::create_vm(&kvm)?;
+    let kvm = gmem::sys::kvm::open(Path::new(DEFAULT_KVM_DEVICE))?;
+    let vm = gmem::sys::kvm::create_vm(&kvm)?;
     let cap = vm.check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS);
     if !GmemFlags(cap.max(0) as u64).contains(GmemFlags::MIGRATABLE) {
         problems.push(format!(
@@ -739,8 +739,8 @@ struct Filled {
 
 impl Filled {
     fn new(size: u64, flags: GmemFlags, bind_slot: bool) -> Result<Self, GuestError> {
-        let kvm = gmem::kvm::open(Path::new(DEFAULT_KVM_DEVICE))?;
-        let vm = Arc::new(gmem::kvm::create_vm(&kvm)?);
+        let kvm = gmem::sys::kvm::open(Path::new(DEFAULT_KVM_DEVICE))?;
+        let vm = Arc::new(gmem::sys::kvm::create_vm(&kvm)?);
         let memory = GuestMemory::create(vm, ChunkLayout::single_slot(size), flags)?;
         if bind_slot {
             memory.bind_to_vm()?;
@@ -829,8 +829,8 @@ pub fn offline_movable() -> Result<Verdict, GuestError> {
     }
 
     let vmstat_before = vmstat();
-    let kvm = gmem::kvm::open(Path::new(DEFAULT_KVM_DEVICE))?;
-    let flags = GuestMemfd::host_mappable_flags(&gmem::kvm::create_vm(&kvm)?)
+    let kvm = gmem::sys::kvm::open(Path::new(DEFAULT_KVM_DEVICE))?;
+    let flags = GuestMemfd::host_mappable_flags(&gmem::sys::kvm::create_vm(&kvm)?)
         .unwrap_or(GmemFlags::HOST_MAPPABLE);
     if !flags.contains(GmemFlags::MIGRATABLE) {
         problems.push(format!(

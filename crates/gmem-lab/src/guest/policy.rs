@@ -13,9 +13,9 @@
 
 use std::path::Path;
 
-use gmem::kvm::DEFAULT_KVM_DEVICE;
 use gmem::memory::{GmemFlags, GuestMemfd, Placement};
 use gmem::numa::{NodeId, NodeMask};
+use gmem::sys::kvm::DEFAULT_KVM_DEVICE;
 use gmem::sys::mempolicy::{self, MPOL_BIND, MPOL_DEFAULT};
 use gmem::sys::mman::Mmap;
 use serde_json::{Value, json};
@@ -57,8 +57,8 @@ fn all_on(per_node: &Value, node: u32) -> bool {
 
 /// The experiment, with the thread's policy bound to [`TASK_NODE`] by the caller.
 fn observe() -> Result<Value, GuestError> {
-    let kvm = gmem::kvm::open(Path::new(DEFAULT_KVM_DEVICE))?;
-    let vm = gmem::kvm::create_vm(&kvm)?;
+    let kvm = gmem::sys::kvm::open(Path::new(DEFAULT_KVM_DEVICE))?;
+    let vm = gmem::sys::kvm::create_vm(&kvm)?;
     let gmem = GuestMemfd::create(&vm, 2 * PART, GmemFlags::HOST_MAPPABLE)?;
     let vmm = gmem.map()?;
     let ours = gmem.map()?;

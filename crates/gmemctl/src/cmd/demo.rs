@@ -151,7 +151,7 @@ fn demo(kvm_device: &Path, args: &Args) -> Result<DemoReport, DemoError> {
 
 /// Fails early, with the device's own reason, where the VM could not start.
 fn check_kvm(kvm_device: &Path) -> Result<(), CliError> {
-    gmem::kvm::open(kvm_device)?;
+    gmem::sys::kvm::open(kvm_device)?;
     Ok(())
 }
 

@@ -29,8 +29,8 @@ pub struct TestHost {
 impl TestHost {
     /// Opens KVM at `kvm_device` and reads the topology.
     pub fn open(kvm_device: &Path) -> Result<Self, CliError> {
-        let kvm = gmem::kvm::open(kvm_device)?;
-        let vm = Arc::new(gmem::kvm::create_vm(&kvm)?);
+        let kvm = gmem::sys::kvm::open(kvm_device)?;
+        let vm = Arc::new(gmem::sys::kvm::create_vm(&kvm)?);
         let flags = GuestMemfd::host_mappable_flags(&vm).ok_or(MemoryError::NotHostMappable {
             flags: GuestMemfd::supported_flags(&vm).unwrap_or_default(),
         })?;

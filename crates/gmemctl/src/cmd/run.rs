@@ -133,7 +133,7 @@ fn config(args: &Args) -> Result<VmConfig, CliError> {
 /// Starts the VM and serves its API until a signal or a guest failure.
 pub fn run(kvm_device: &Path, args: Args) -> Result<(), CliError> {
     // The device's own reason (missing, no permission) before anything else is set up.
-    gmem::kvm::open(kvm_device)?;
+    gmem::sys::kvm::open(kvm_device)?;
     let config = config(&args)?;
     // The first SIGINT or SIGTERM asks for a clean shutdown; a second one exits at once.
     let stop = Arc::new(AtomicBool::new(false));

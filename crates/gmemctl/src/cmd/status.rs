@@ -97,7 +97,7 @@ pub fn run(kvm_device: &Path, args: Args) -> Result<(), CliError> {
         }
     };
     // Only to rule out flags this kernel cannot set; status works without KVM access.
-    let kernel_flags = gmem::kvm::open(kvm_device)
+    let kernel_flags = gmem::sys::kvm::open(kvm_device)
         .ok()
         .and_then(|kvm| GuestMemfd::kernel_flags(&kvm));
     let attached = AttachedGmem::attach_all(pid, kernel_flags)?;

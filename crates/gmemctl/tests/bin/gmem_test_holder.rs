@@ -63,9 +63,9 @@ fn run() -> Result<(), String> {
             .collect::<Result<_, _>>()?,
         Err(_) => Vec::new(),
     };
-    let kvm = gmem::kvm::open(std::path::Path::new(gmem::kvm::DEFAULT_KVM_DEVICE))
+    let kvm = gmem::sys::kvm::open(std::path::Path::new(gmem::sys::kvm::DEFAULT_KVM_DEVICE))
         .map_err(|e| e.to_string())?;
-    let vm = Arc::new(gmem::kvm::create_vm(&kvm).map_err(|e| e.to_string())?);
+    let vm = Arc::new(gmem::sys::kvm::create_vm(&kvm).map_err(|e| e.to_string())?);
     let fail = |what: &'static str| move |e: gmem::memory::MemoryError| format!("{what}: {e}");
 
     let system = GuestMemory::create(

@@ -89,7 +89,7 @@ pub(super) fn run(kvm_device: &Path, pid: u32, args: &Args) -> Result<(), CliErr
             crate::cmd::recover::describe(&recovered, &args.journal_dir)
         );
     }
-    let kvm = gmem::kvm::open(kvm_device)?;
+    let kvm = gmem::sys::kvm::open(kvm_device)?;
     let attached = AttachedGmem::attach_all(pid, GuestMemfd::kernel_flags(&kvm))?;
     if attached.is_empty() {
         return Err(CliError::NoGuestMemfd { pid });
@@ -130,7 +130,7 @@ pub(super) fn run(kvm_device: &Path, pid: u32, args: &Args) -> Result<(), CliErr
         );
     }
     // Scratch gmem (refault's reservations, the native probe) lives in a VM of our own.
-    let scratch_vm = Arc::new(gmem::kvm::create_vm(&kvm)?);
+    let scratch_vm = Arc::new(gmem::sys::kvm::create_vm(&kvm)?);
     let mut journal = Journal::begin(&args.journal_dir, &stopper, args.journal_sync.into())?;
     journal.kill_at(kill_at);
     // The first SIGINT or SIGTERM ends the migration after the step in flight, the VMM

@@ -1,8 +1,10 @@
-//! The only module with `unsafe`: one small, checked wrapper per raw kernel call.
+//! gmem-base: the OS layer, and the only crate of the workspace with `unsafe`: one small,
+//! checked wrapper per raw kernel call (KVM, mmap and madvise, mempolicy, pidfd, signals,
+//! scheduling, process control), as crosvm's `base` is. gmem re-exports it as `gmem::sys`.
 //!
 //! Every wrapper has the same shape: one unsafe call, a `// SAFETY:` reason, a checked
 //! return turned into `io::Error`, and a doc comment naming the kernel interface it wraps.
-//! Nothing above this module touches raw pointers or raw file descriptors.
+//! Nothing above this crate touches raw pointers or raw file descriptors.
 
 /// Calls a `libc` function and turns a negative return into `io::Error::last_os_error()`.
 ///
