@@ -356,9 +356,13 @@ impl Machine {
                 }
             }
         };
-        // QEMU has exited, so its stdout is closed and the reader ends; drain what it read.
+        // QEMU has exited, so its stdout is closed and the reader ends; drain what it read,
+        // up to a second boot's first line (what follows it is not this run's).
         let _ = reader.join();
         for line in rx.try_iter() {
+            if line.contains(crate::report::BOOT) && init_at.is_some() {
+                break;
+            }
             if on_line(&line) {
                 saw_done = true;
             }
