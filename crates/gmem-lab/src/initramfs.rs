@@ -115,6 +115,9 @@ for ko in /lib/modules/gmemlab/*.ko; do
     if insmod "$ko" $params; then st=loaded; else st=failed; fi
     echo "GMEMLAB-MODULE {{\"module\":\"$name\",\"status\":\"$st\"}}"
 done
+# One idle VM for the whole run: KVM's static keys then never flip, so the kernel's text is
+# not live-patched under the tests (gmem-lab hold-kvm says why).
+[ -e /dev/kvm ] && /bin/gmem-lab hold-kvm &
 # After a crash of this kernel the runner boots it again with gmemlab.resume_at=N: the first N
 # tests have reported already and are not run twice.
 resume_at=0

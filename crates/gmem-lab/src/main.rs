@@ -6,6 +6,7 @@
 mod apt;
 mod compare;
 mod cpio;
+mod crash_check;
 mod deb;
 mod elf;
 mod emulator;
@@ -14,6 +15,7 @@ mod initramfs;
 mod memcheck;
 mod paths;
 mod qemu;
+mod qmp;
 mod report;
 mod runner;
 
@@ -130,6 +132,10 @@ enum Cmd {
         #[arg(long, value_name = "KIB")]
         headroom_kib: u64,
     },
+    /// Hold one idle KVM VM until killed, so KVM's static keys are never flipped (and the
+    /// kernel's text never patched) as tests create and destroy VMs (started by /init)
+    #[command(hide = true)]
+    HoldKvm,
 }
 
 #[derive(Debug, Args)]
@@ -384,5 +390,6 @@ fn main() -> ExitCode {
         }
         Cmd::Guest { test } => guest::run(&test),
         Cmd::Hog { node, headroom_kib } => guest::hog(node, headroom_kib),
+        Cmd::HoldKvm => guest::hold_kvm(),
     }
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::emulator::Emulator;
+use crate::qmp::{Qmp, QmpError, Stop, cpu_summary};
 
 /// How long QEMU may take to exit after the guest printed GMEMLAB-DONE.
 const POWEROFF_GRACE: Duration = Duration::from_secs(15);
@@ -20,34 +21,14 @@ const POWEROFF_GRACE: Duration = Duration::from_secs(15);
 /// The line QEMU logs (`-d cpu_reset`) when a CPU triple-faults.
 const TRIPLE_FAULT: &str = "Triple fault";
 
-/// How long after the "Triple fault" line QEMU is given to reset, and so to dump every CPU's
-/// state into the reset log, before it is killed.
-const RESET_DUMP_GRACE: Duration = Duration::from_millis(500);
+/// How often the runner asks QEMU's monitor whether the guest stopped the VM.
+const STATUS_INTERVAL: Duration = Duration::from_millis(250);
 
-/// If the guest's kernel triple-faulted, QEMU's account of it from the `-d cpu_reset` log:
-/// the "Triple fault" line and, from the CPU states dumped at the reset that follows, each
-/// CPU's instruction pointer, CR2 and CR3.
-pub fn triple_fault(reset_log: &str) -> Option<String> {
-    let at = reset_log.find(TRIPLE_FAULT)?;
-    let mut cpus = Vec::new();
-    for dump in reset_log[at..].split("CPU Reset (").skip(1) {
-        let cpu = dump.split(')').next().unwrap_or("?");
-        let word = |prefix: &str| dump.split_whitespace().find(|w| w.starts_with(prefix));
-        if let Some(ip) = word("RIP=").or_else(|| word("EIP=")) {
-            let regs = [Some(ip), word("CR2="), word("CR3=")];
-            let regs: Vec<&str> = regs.into_iter().flatten().collect();
-            cpus.push(format!("{cpu}: {}", regs.join(" ")));
-        }
-    }
-    Some(if cpus.is_empty() {
-        "a CPU triple-faulted (QEMU's reset log)".to_owned()
-    } else {
-        format!(
-            "a CPU triple-faulted (QEMU's reset log; state at the reset: {})",
-            cpus.join("; ")
-        )
-    })
-}
+/// How long QEMU may take to create its monitor socket.
+const MONITOR_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long QEMU may take to exit after it was asked to quit.
+const QUIT_GRACE: Duration = Duration::from_secs(5);
 
 /// Errors while running QEMU.
 #[derive(Debug, Error)]
@@ -67,6 +48,14 @@ pub enum QemuError {
     #[error("cannot wait for QEMU (pid {pid})")]
     Wait {
         pid: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot reach QEMU's monitor")]
+    Monitor(#[from] QmpError),
+    #[error("cannot write the CPU state to {path}")]
+    WriteCpuState {
+        path: PathBuf,
         #[source]
         source: io::Error,
     },
@@ -165,10 +154,48 @@ pub struct Machine {
     pub serial_log: PathBuf,
     /// QEMU's own stderr.
     pub qemu_log: PathBuf,
-    /// QEMU's `-d cpu_reset` log: the CPU state at every reset. QEMU runs without
-    /// `-no-reboot`, so a lab kernel that triple-faults is reset, which dumps its registers
-    /// here; [`Machine::boot`] then kills QEMU before the kernel boots again.
+    /// QEMU's `-d cpu_reset` log, for its "Triple fault" line: a guest reset stops the VM
+    /// (see [`crate::qmp`]), so the log tells a triple fault from a reset request.
     pub reset_log: PathBuf,
+    /// QEMU's monitor socket (QMP).
+    pub qmp_socket: PathBuf,
+    /// Every CPU's registers when the guest stopped the VM before GMEMLAB-DONE.
+    pub cpu_state_log: PathBuf,
+}
+
+/// How the guest stopped the VM before it said GMEMLAB-DONE.
+#[derive(Debug, Clone)]
+pub struct GuestStop {
+    pub why: Stop,
+    /// QEMU logged a triple fault (the reset came from the CPU, not from a reset request).
+    pub triple_fault: bool,
+    /// Each CPU's instruction pointer, CR2 and CR3 at the stop ([`crate::qmp::cpu_summary`]).
+    pub cpus: Vec<String>,
+}
+
+impl GuestStop {
+    /// Whether the lab's kernel died (a reset, a panic) rather than powered off.
+    pub fn is_crash(&self) -> bool {
+        self.why != Stop::Poweroff
+    }
+}
+
+impl fmt::Display for GuestStop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.why, self.triple_fault) {
+            (_, true) => write!(f, "a CPU triple-faulted")?,
+            (Stop::Reset, false) => write!(
+                f,
+                "the lab's kernel reset the machine (no triple fault, no oops on the console)"
+            )?,
+            (Stop::Poweroff, false) => write!(f, "the guest powered off")?,
+            (Stop::Other(why), false) => write!(f, "the guest stopped ({why})")?,
+        }
+        if !self.cpus.is_empty() {
+            write!(f, "; registers there: {}", self.cpus.join("; "))?;
+        }
+        Ok(())
+    }
 }
 
 /// How the boot ended.
@@ -180,9 +207,9 @@ pub struct Boot {
     pub elapsed: Duration,
     /// When the first GMEMLAB-BOOT line arrived (init reached).
     pub init_at: Option<Duration>,
-    /// The lab's kernel reset the machine (a triple fault, or a panic with `panic=-1`), and
-    /// QEMU was killed rather than let it boot again.
-    pub reset: bool,
+    /// The guest stopped the VM before GMEMLAB-DONE (a triple fault, a panic with
+    /// `panic=-1`, a reset, a poweroff): QEMU paused it, the registers were read, and it quit.
+    pub stop: Option<GuestStop>,
     pub pid: u32,
 }
 
@@ -236,11 +263,18 @@ impl Machine {
                 "stdio",
                 "-d",
                 "cpu_reset",
+                "-action",
+                "reboot=shutdown,shutdown=pause",
             ]
             .map(String::from),
         );
         a.push("-D".into());
         a.push(self.reset_log.display().to_string());
+        a.push("-qmp".into());
+        a.push(format!(
+            "unix:{},server=on,wait=off",
+            self.qmp_socket.display()
+        ));
         a.push("-kernel".into());
         a.push(self.kernel.display().to_string());
         a.push("-initrd".into());
@@ -251,9 +285,9 @@ impl Machine {
     }
 
     /// Boots, hands each console line to `on_line` (which returns true once the guest said
-    /// GMEMLAB-DONE), and kills QEMU by its PID if the timeout passes first, or once the lab's
-    /// kernel has reset the machine: a triple fault in the reset log (after QEMU has dumped
-    /// the CPUs' state there) or a second GMEMLAB-BOOT line.
+    /// GMEMLAB-DONE), and ends QEMU when the guest stops the VM (QEMU pauses it: a poweroff,
+    /// a reset, a triple fault; before GMEMLAB-DONE the registers are read first) or when
+    /// the timeout passes (it is killed by its PID).
     pub fn boot(&self, mut on_line: impl FnMut(&str) -> bool) -> Result<Boot, QemuError> {
         let create = |path: &Path| {
             File::create(path).map_err(|source| QemuError::CreateLog {
@@ -263,6 +297,7 @@ impl Machine {
         };
         let mut serial = create(&self.serial_log)?;
         let qemu_err = create(&self.qemu_log)?;
+        let _ = std::fs::remove_file(&self.qmp_socket);
         let mut cmd = Command::new(&self.qemu.binary);
         cmd.args(self.args())
             .stdin(Stdio::null())
@@ -277,6 +312,14 @@ impl Machine {
             source,
         })?;
         let pid = child.id();
+        let mut qmp = match Qmp::connect(&self.qmp_socket, MONITOR_TIMEOUT) {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e.into());
+            }
+        };
         let stdout = child.stdout.take();
         let (tx, rx) = mpsc::channel::<String>();
         let reader = thread::spawn(move || {
@@ -303,52 +346,47 @@ impl Machine {
         let mut init_at = None;
         let mut done_at = None;
         let mut timed_out = false;
-        let mut boots = 0;
-        let mut reset = false;
-        let mut triple_fault_at = None;
-        let mut reset_log_checked = start;
+        let mut stop = None;
+        let mut quit_at: Option<Instant> = None;
+        let mut status_checked = start;
         let exit = loop {
             if let Some(status) = try_wait(&mut child, pid)? {
                 break Some(status);
             }
             let now = Instant::now();
-            let limit = match done_at {
-                Some(t) => deadline.min(t + POWEROFF_GRACE),
-                None => deadline,
+            let limit = match (done_at, quit_at) {
+                (_, Some(q)) => q + QUIT_GRACE,
+                (Some(t), None) => deadline.min(t + POWEROFF_GRACE),
+                (None, None) => deadline,
             };
-            if now >= reset_log_checked + Duration::from_millis(250) && triple_fault_at.is_none() {
-                reset_log_checked = now;
-                let log = std::fs::read_to_string(&self.reset_log).unwrap_or_default();
-                if log.contains(TRIPLE_FAULT) {
-                    triple_fault_at = Some(now);
-                }
-            }
-            if triple_fault_at.is_some_and(|t| now >= t + RESET_DUMP_GRACE) || boots > 1 {
-                reset = true;
-                let _ = child.kill();
-                break child.wait().ok();
-            }
             if now >= limit {
-                timed_out = done_at.is_none();
+                timed_out = done_at.is_none() && quit_at.is_none();
                 // Child::kill sends SIGKILL to this child's PID only.
                 let _ = child.kill();
                 break child.wait().ok();
             }
-            match rx.recv_timeout(Duration::from_millis(50).min(limit - now)) {
-                Ok(line) => {
-                    if line.contains(crate::report::BOOT) {
-                        boots += 1;
-                        init_at.get_or_insert(start.elapsed());
-                        if boots > 1 {
-                            // The machine reset and the kernel booted again: not this run.
-                            continue;
-                        }
-                    }
-                    if on_line(&line) && !saw_done {
-                        saw_done = true;
-                        done_at = Some(Instant::now());
-                    }
+            if quit_at.is_none() && now >= status_checked + STATUS_INTERVAL {
+                status_checked = now;
+                // The console lines read so far come first: a GMEMLAB-DONE just before the
+                // poweroff must count.
+                for line in rx.try_iter() {
+                    feed(&line, &mut on_line, &mut saw_done, &mut init_at, start);
                 }
+                // A monitor that stopped answering belongs to a QEMU that is exiting; the
+                // wait above sees it go.
+                if let Ok(Some(why)) = qmp.stopped() {
+                    if !saw_done {
+                        stop = Some(self.read_cpus(&mut qmp, why)?);
+                    }
+                    qmp.quit();
+                    quit_at = Some(Instant::now());
+                }
+            }
+            if saw_done && done_at.is_none() {
+                done_at = Some(Instant::now());
+            }
+            match rx.recv_timeout(Duration::from_millis(50).min(limit - now)) {
+                Ok(line) => feed(&line, &mut on_line, &mut saw_done, &mut init_at, start),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     // Console closed: QEMU is exiting; wait for it within the limits above.
@@ -356,26 +394,57 @@ impl Machine {
                 }
             }
         };
-        // QEMU has exited, so its stdout is closed and the reader ends; drain what it read,
-        // up to a second boot's first line (what follows it is not this run's).
+        // QEMU has exited, so its stdout is closed and the reader ends; drain what it read.
         let _ = reader.join();
         for line in rx.try_iter() {
-            if line.contains(crate::report::BOOT) && init_at.is_some() {
-                break;
-            }
-            if on_line(&line) {
-                saw_done = true;
-            }
+            feed(&line, &mut on_line, &mut saw_done, &mut init_at, start);
         }
+        let _ = std::fs::remove_file(&self.qmp_socket);
         Ok(Boot {
             exit,
             timed_out,
             saw_done,
             elapsed: start.elapsed(),
             init_at,
-            reset,
+            stop,
             pid,
         })
+    }
+
+    /// Reads every CPU's registers from the stopped VM into [`Machine::cpu_state_log`].
+    fn read_cpus(&self, qmp: &mut Qmp, why: Stop) -> Result<GuestStop, QemuError> {
+        let registers = qmp
+            .registers()
+            .unwrap_or_else(|e| format!("(not read: {e})"));
+        std::fs::write(&self.cpu_state_log, &registers).map_err(|source| {
+            QemuError::WriteCpuState {
+                path: self.cpu_state_log.clone(),
+                source,
+            }
+        })?;
+        let triple_fault =
+            std::fs::read_to_string(&self.reset_log).is_ok_and(|log| log.contains(TRIPLE_FAULT));
+        Ok(GuestStop {
+            why,
+            triple_fault,
+            cpus: cpu_summary(&registers),
+        })
+    }
+}
+
+/// Hands one console line to the run's collector, noting init and GMEMLAB-DONE.
+fn feed(
+    line: &str,
+    on_line: &mut impl FnMut(&str) -> bool,
+    saw_done: &mut bool,
+    init_at: &mut Option<Duration>,
+    start: Instant,
+) {
+    if line.contains(crate::report::BOOT) {
+        init_at.get_or_insert(start.elapsed());
+    }
+    if on_line(line) {
+        *saw_done = true;
     }
 }
 
@@ -388,21 +457,6 @@ fn try_wait(child: &mut Child, pid: u32) -> Result<Option<ExitStatus>, QemuError
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_triple_fault_is_found_in_the_reset_log() {
-        let log = "CPU Reset (CPU 0)\nRAX=0 RBX=0\nTriple fault\nCPU Reset (CPU 0)\n\
-                   RAX=0000000000000000 RIP=ffffffff81001234 RFL=00000002\n\
-                   CR0=80050033 CR2=ffffc90000001ff8 CR3=0000000001234000 CR4=00350ef0\n\
-                   CPU Reset (CPU 1)\nRIP=ffffffff81000abc RFL=00000246\n";
-        let found = triple_fault(log).unwrap();
-        assert!(
-            found.contains("CPU 0: RIP=ffffffff81001234 CR2=ffffc90000001ff8 CR3=0000000001234000"),
-            "{found}"
-        );
-        assert!(found.contains("; CPU 1: RIP=ffffffff81000abc"), "{found}");
-        assert_eq!(triple_fault("CPU Reset (CPU 0)\nRIP=0000fff0\n"), None);
-    }
 
     #[test]
     fn command_line_has_two_numa_nodes() {
@@ -422,6 +476,8 @@ mod tests {
             serial_log: "/s".into(),
             qemu_log: "/q".into(),
             reset_log: "/r".into(),
+            qmp_socket: "/m".into(),
+            cpu_state_log: "/c".into(),
         };
         let a = m.args().join(" ");
         assert!(a.starts_with("-L /fw -accel"));
@@ -431,8 +487,14 @@ mod tests {
         assert!(a.contains("-object memory-backend-ram,id=m1,size=1024M"));
         assert!(a.contains("-numa node,nodeid=0,cpus=0,memdev=m0"));
         assert!(a.contains("-numa node,nodeid=1,cpus=1,memdev=m1"));
-        assert!(a.contains("-serial stdio -d cpu_reset -D /r"));
-        assert!(!a.contains("-no-reboot"), "a reset must dump the CPU state");
+        assert!(a.contains(
+            "-serial stdio -d cpu_reset -action reboot=shutdown,shutdown=pause -D /r \
+             -qmp unix:/m,server=on,wait=off"
+        ));
+        assert!(
+            !a.contains("-no-reboot"),
+            "a reset must stop the VM with its CPU state"
+        );
         assert!(a.ends_with("-kernel /k -initrd /i -append console=ttyS0 panic=-1"));
         assert!(!a.contains("pc-dimm"));
         let four = Machine {

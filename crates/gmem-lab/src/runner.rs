@@ -10,13 +10,14 @@ use serde_json::Value;
 use thiserror::Error;
 
 use crate::apt::{AptError, Fetcher};
+use crate::crash_check::{self, CrashCheckError};
 use crate::deb::{self, DebError};
 use crate::elf;
 use crate::emulator::{DEBIAN_QEMU_SPECS, Emulator, EmulatorError, QemuChoice};
 use crate::guest;
 use crate::initramfs::{self, Contents, InitramfsError};
 use crate::paths::{self, DirLock, PathsError};
-use crate::qemu::{CpuCount, Machine, QemuError};
+use crate::qemu::{CpuCount, GuestStop, Machine, QemuError};
 use crate::report::{Collector, Status, TestResult};
 
 /// The Debian kernel the lab boots by default (trixie-backports).
@@ -43,6 +44,8 @@ pub enum RunError {
     Initramfs(#[from] InitramfsError),
     #[error("cannot run QEMU")]
     Qemu(#[from] QemuError),
+    #[error("the lab's crash capture failed its check")]
+    CrashCheck(#[from] CrashCheckError),
     #[error("cannot find the running executable to copy it into the guest")]
     CurrentExe(#[source] io::Error),
     #[error("cannot read the agent {path}")]
@@ -164,24 +167,29 @@ pub struct RunReport {
 
 /// Boots of the lab per run: another one only when the lab's own kernel crashed before the
 /// suite finished. Under TCG the lab kernel has been seen to die on a stray int3 of its own
-/// live text patching (`Oops: int3`, 2 of about 15 runs with a nested Linux guest, as its
-/// VM was being created), and to triple-fault while a nested guest ran: the emulator, not a
-/// test, failed. Retries are reported, never hidden, with the crash line or the registers.
-const BOOT_ATTEMPTS: usize = 3;
+/// live text patching (`Oops: int3`, up to twice in one stock run, as a nested VM was being
+/// created or torn down), and to stop the machine without a word on its console while a
+/// nested guest ran: the emulator, not a test, failed. Retries are reported, never hidden,
+/// with the crash line or the registers.
+const BOOT_ATTEMPTS: usize = 5;
 
 /// Why the lab's kernel died, if it did: its first oops or panic line on the console, else
-/// QEMU's account of a triple fault (with the registers), else that it reset the machine.
-fn lab_kernel_crash(serial_log: &Path, reset_log: &Path, reset: bool) -> Option<String> {
+/// how it stopped the machine (a triple fault or a reset, with every CPU's registers there
+/// and the console's last line).
+fn lab_kernel_crash(serial_log: &Path, stop: Option<&GuestStop>) -> Option<String> {
     let text = fs::read_to_string(serial_log).unwrap_or_default();
     let oops = text
         .lines()
         .find(|l| l.contains("Oops:") || l.contains("Kernel panic - not syncing"))
         .map(|l| l.trim().to_owned());
-    let triple_fault = fs::read_to_string(reset_log)
-        .ok()
-        .and_then(|log| crate::qemu::triple_fault(&log));
-    oops.or(triple_fault)
-        .or_else(|| reset.then(|| "the lab's kernel reset the machine and booted again".to_owned()))
+    let last_line = text.lines().rev().map(str::trim).find(|l| !l.is_empty());
+    oops.or_else(|| {
+        let stop = stop.filter(|s| s.is_crash())?;
+        Some(match last_line {
+            Some(l) => format!("{stop}; the console's last line: {l}"),
+            None => stop.to_string(),
+        })
+    })
 }
 
 /// Checks the test names before anything is fetched.
@@ -333,6 +341,12 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
     let dir = new_run_dir(&cache)?;
     let prepared = prepare(opts, &dir.join("initrd.gz"))?;
     let prepare_s = start.elapsed().as_secs_f64();
+    let (caught, took) = crash_check::run(&prepared.qemu, &dir)?;
+    eprintln!(
+        "gmem-lab: crash capture checked in {:.1} s: a stand-in kernel that triple-faults was \
+         caught ({caught})",
+        took.as_secs_f64()
+    );
     eprintln!(
         "gmem-lab: {}: booting {} with two NUMA nodes ({} MiB and {} CPUs each), initramfs {} KiB{}, \
          nested paging {}, tests: {}",
@@ -384,6 +398,8 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
         serial_log: dir.join("serial.log"),
         qemu_log: dir.join("qemu.log"),
         reset_log: dir.join("qemu-reset.log"),
+        qmp_socket: dir.join("qmp.sock"),
+        cpu_state_log: dir.join("cpu-state.log"),
     };
     let mut crashes = Vec::new();
     // Results of the tests that finished before the lab's kernel crashed: kept, and not run
@@ -418,7 +434,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
             .collect();
         let outcome = collector.finish(&opts.tests);
         let crash = (!boot.saw_done && !boot.timed_out)
-            .then(|| lab_kernel_crash(&machine.serial_log, &machine.reset_log, boot.reset))
+            .then(|| lab_kernel_crash(&machine.serial_log, boot.stop.as_ref()))
             .flatten();
         match crash {
             Some(line) if crashes.len() + 1 < BOOT_ATTEMPTS => {
@@ -436,6 +452,8 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
                 let _ = fs::rename(&machine.serial_log, kept);
                 let kept = dir.join(format!("qemu-reset-attempt-{}.log", crashes.len()));
                 let _ = fs::rename(&machine.reset_log, kept);
+                let kept = dir.join(format!("cpu-state-attempt-{}.log", crashes.len()));
+                let _ = fs::rename(&machine.cpu_state_log, kept);
             }
             _ => break (boot, outcome),
         }
@@ -447,14 +465,13 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
             boot.pid
         ));
     }
-    if let Some(fault) = fs::read_to_string(&machine.reset_log)
-        .ok()
-        .and_then(|log| crate::qemu::triple_fault(&log))
-    {
-        outcome.problems.push(format!(
-            "the lab's kernel died: {fault}; see {}",
-            machine.reset_log.display()
-        ));
+    match &boot.stop {
+        Some(stop) if stop.is_crash() => outcome.problems.push(format!(
+            "the lab's kernel died: {stop}; see {}",
+            machine.cpu_state_log.display()
+        )),
+        Some(stop) => outcome.problems.push(format!("{stop} before GMEMLAB-DONE")),
+        None => {}
     }
     if let Ok(q) = fs::read_to_string(&machine.qemu_log) {
         let q = q.trim();
@@ -519,12 +536,13 @@ pub fn status_word(s: Status) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qmp::Stop;
 
     #[test]
     fn finds_the_lab_kernels_crash_line() {
         let dir = std::env::temp_dir().join(format!("gmem-lab-crash-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
-        let (log, resets) = (dir.join("serial.log"), dir.join("qemu-reset.log"));
+        let log = dir.join("serial.log");
         let missing = dir.join("missing");
         fs::write(
             &log,
@@ -532,26 +550,47 @@ mod tests {
              [   30.307041] Kernel panic - not syncing: Fatal exception in interrupt\n",
         )
         .unwrap();
+        let reset = GuestStop {
+            why: Stop::Reset,
+            triple_fault: false,
+            cpus: vec!["CPU 0: RIP=ffffffff81000abc CR2=0 CR3=1000".into()],
+        };
         assert_eq!(
-            lab_kernel_crash(&log, &missing, false).as_deref(),
+            lab_kernel_crash(&log, Some(&reset)).as_deref(),
             Some("[   30.303707] Oops: int3: 0000 [#1] SMP NOPTI")
         );
-        fs::write(&log, "GMEMLAB-DONE\n").unwrap();
-        assert_eq!(lab_kernel_crash(&log, &missing, false), None);
-        assert_eq!(lab_kernel_crash(&missing, &missing, false), None);
-        // A triple fault leaves nothing on the console, only QEMU's reset log.
-        fs::write(
-            &resets,
-            "Triple fault\nCPU Reset (CPU 1)\nRIP=ffffffff81000abc\n",
-        )
-        .unwrap();
-        let crash = lab_kernel_crash(&log, &resets, true).unwrap();
-        assert!(crash.contains("1: RIP=ffffffff81000abc"), "{crash}");
+        fs::write(&log, "GMEMLAB-BOOT {}\nlinux-guest-churn: move 5\n\n").unwrap();
+        assert_eq!(lab_kernel_crash(&log, None), None);
+        assert_eq!(lab_kernel_crash(&missing, None), None);
+        // A reset or a triple fault leaves nothing on the console: the registers say where.
+        let crash = lab_kernel_crash(&log, Some(&reset)).unwrap();
         assert!(
-            lab_kernel_crash(&log, &missing, true)
-                .unwrap()
-                .contains("booted again")
+            crash.starts_with("the lab's kernel reset the machine"),
+            "{crash}"
         );
+        assert!(
+            crash.contains("registers there: CPU 0: RIP=ffffffff81000abc"),
+            "{crash}"
+        );
+        assert!(
+            crash.ends_with("last line: linux-guest-churn: move 5"),
+            "{crash}"
+        );
+        let triple = GuestStop {
+            triple_fault: true,
+            ..reset
+        };
+        let crash = lab_kernel_crash(&log, Some(&triple)).unwrap();
+        assert!(
+            crash.starts_with("a CPU triple-faulted; registers there"),
+            "{crash}"
+        );
+        // A poweroff is not a crash of the lab's kernel.
+        let poweroff = GuestStop {
+            why: Stop::Poweroff,
+            ..triple
+        };
+        assert_eq!(lab_kernel_crash(&log, Some(&poweroff)), None);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -4,6 +4,7 @@ mod checks;
 mod foreign;
 mod full_node;
 mod gmemctl;
+mod hold_kvm;
 mod kselftest;
 mod linux;
 mod patched;
@@ -21,6 +22,7 @@ use crate::report::{Status, TestResult, error_chain};
 
 pub use checks::GuestError;
 pub use full_node::hog;
+pub use hold_kvm::hold_kvm;
 pub use kselftest::{Case, CaseResult};
 pub use patched::TESTS as PATCHED;
 pub use upstream::TESTS as UPSTREAM;
