@@ -7,7 +7,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use gmem::memory::{ChunkLayout, GuestMemfd, GuestMemory, Policy, ensure_room, page_size};
+use gmem::memory::{
+    ChunkIndex, ChunkLayout, GuestMemfd, GuestMemory, Policy, ensure_room, page_size,
+};
 use gmem::numa::{NodeId, NodeMask, NodeRoom, Pagemap};
 
 const CHUNK: u64 = 2 << 20;
@@ -27,13 +29,13 @@ fn memory() -> Option<GuestMemory> {
     };
     let layout = ChunkLayout::chunked(CHUNK * CHUNKS, CHUNK, SPARE);
     let memory = GuestMemory::create(vm, layout, flags).expect("guest memory");
-    for chunk in 0..CHUNKS {
+    for chunk in layout.chunk_indices() {
         let offset = memory.chunk_offset(chunk);
         memory.populate(offset, CHUNK).expect("populate");
         memory
             .mapping()
             .expect("mapped")
-            .fill(offset as usize, CHUNK as usize, 0x5a);
+            .fill(offset.index(), CHUNK as usize, 0x5a);
     }
     Some(memory)
 }
@@ -44,7 +46,7 @@ fn stages(c: &mut Criterion) {
     let node = NodeId(0);
     let bind = Policy::Bind(NodeMask::single(node));
     let pagemap = Pagemap::open_self().ok();
-    let old = memory.chunk_offset(0);
+    let old = memory.chunk_offset(ChunkIndex(0));
     let spare = memory.take_spare().expect("a spare chunk");
     let mut group = c.benchmark_group("remap_step_2MiB");
     group.throughput(Throughput::Bytes(CHUNK));
@@ -88,7 +90,10 @@ fn stages(c: &mut Criterion) {
         group.bench_function("pfns_pagemap", |b| {
             b.iter(|| {
                 pagemap
-                    .pfns(map.addr() as u64 + old, (CHUNK / page_size()) as usize)
+                    .pfns(
+                        map.addr() as u64 + old.raw(),
+                        (CHUNK / page_size()) as usize,
+                    )
                     .expect("pagemap")
             })
         });
@@ -97,10 +102,10 @@ fn stages(c: &mut Criterion) {
         b.iter(|| memory.placement(old, CHUNK).expect("placement"))
     });
     group.bench_function("copy", |b| {
-        b.iter(|| map.copy_to(old as usize, map, spare as usize, CHUNK as usize))
+        b.iter(|| map.copy_to(old.index(), map, spare.index(), CHUNK as usize))
     });
     group.bench_function("compare", |b| {
-        b.iter(|| assert!(map.equal(old as usize, map, spare as usize, CHUNK as usize)))
+        b.iter(|| assert!(map.equal(old.index(), map, spare.index(), CHUNK as usize)))
     });
     group.finish();
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use kvm_ioctls::{Kvm, VmFd};
 use serde::Serialize;
 
-use crate::memory::{GmemFlags, GuestMemfd, MemoryError, Placement, Policy, page_size};
+use crate::memory::{GmemFlags, GmemOffset, GuestMemfd, MemoryError, Placement, Policy, page_size};
 use crate::numa::{NodeMask, Topology};
 use crate::sys::kvm::{self, KvmError};
 use crate::sys::kvm::{
@@ -184,10 +184,11 @@ fn probe_mbind(vm: &Arc<VmFd>, numa: &Topology) -> Finding {
             GmemFlags::HOST_MAPPABLE,
         )?;
         let policy = Policy::Bind(NodeMask::single(node));
-        gmem.set_policy(0, len, &policy)?;
-        gmem.populate(0, len)?;
-        let placed = gmem.placement(0, len)?;
-        let read_back = gmem.policy_at(0)?;
+        let start = GmemOffset(0);
+        gmem.set_policy(start, len, &policy)?;
+        gmem.populate(start, len)?;
+        let placed = gmem.placement(start, len)?;
+        let read_back = gmem.policy_at(start)?;
         Ok(if placed.all_on(node) && read_back == policy {
             Finding::new(
                 Verdict::Yes,
@@ -233,7 +234,7 @@ pub fn native_migration(vm: &Arc<VmFd>, numa: &Topology, flags: GmemFlags) -> Fi
         let gmem = GuestMemfd::create(vm, len, flags | GmemFlags::HOST_MAPPABLE)?;
         let map = gmem.map()?;
         let bind = Policy::Bind(NodeMask::single(from));
-        bind.apply(&map, 0, len)?;
+        bind.apply(&map, GmemOffset(0), len)?;
         fill_pattern(&map, TEST_PAGES);
         let addrs: Vec<usize> = (0..TEST_PAGES)
             .map(|i| map.addr() + (i * page_size()) as usize)

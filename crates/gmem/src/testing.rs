@@ -40,12 +40,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::thread::JoinHandle;
 
-use crate::memory::{GuestMemory, page_size};
+use vm_memory::Address;
+
+use crate::memory::{GuestAddress, GuestMemory, GuestOffset, page_size};
 use crate::migrate::{Quiesce, QuiesceError};
 
 /// The word a writer stores at guest address `gpa` in generation `generation`.
-pub fn pattern_word(gpa: u64, generation: u64) -> u64 {
-    (gpa ^ generation.rotate_left(40)).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
+pub fn pattern_word(gpa: GuestAddress, generation: u64) -> u64 {
+    (gpa.raw_value() ^ generation.rotate_left(40)).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
 }
 
 #[derive(Debug, Default)]
@@ -143,7 +145,7 @@ impl WriterShared {
 
     fn run(&self, memory: &GuestMemory, pages: std::ops::Range<u64>) {
         let map = memory.mapping().expect("writers need host-mappable memory");
-        let base = memory.layout().base_gpa;
+        let layout = *memory.layout();
         let words = page_size() / 8;
         for generation in 1.. {
             for verify in [false, true] {
@@ -151,13 +153,13 @@ impl WriterShared {
                     if !self.checkpoint() {
                         return;
                     }
-                    let gpa = base + page * page_size();
+                    let gpa = layout.gpa(GuestOffset(page * page_size()));
                     let host = memory.host_offset(gpa).expect("in RAM");
                     let mut bad = 0;
                     for w in 0..words {
                         let (at, want) = (
-                            (host + w * 8) as usize,
-                            pattern_word(gpa + w * 8, generation),
+                            (host + w * 8).index(),
+                            pattern_word(gpa.unchecked_add(w * 8), generation),
                         );
                         if verify {
                             bad += u64::from(map.read_u64(at) != want);
@@ -207,11 +209,12 @@ impl Quiesce for Writers {
 /// Fills guest page i with byte (i & 0xff): the seed selftest's pattern.
 pub fn fill_seed_pattern(memory: &GuestMemory) -> Result<(), crate::memory::MemoryError> {
     let map = memory.mapping()?;
-    for i in 0..memory.layout().guest_size / page_size() {
+    let layout = memory.layout();
+    for i in 0..layout.guest_size / page_size() {
         let offset = memory
-            .host_offset(memory.layout().base_gpa + i * page_size())
+            .host_offset(layout.gpa(GuestOffset(i * page_size())))
             .expect("in RAM");
-        map.fill(offset as usize, page_size() as usize, (i & 0xff) as u8);
+        map.fill(offset.index(), page_size() as usize, (i & 0xff) as u8);
     }
     Ok(())
 }
@@ -221,8 +224,9 @@ pub fn first_seed_mismatch(
     memory: &GuestMemory,
 ) -> Result<Option<u64>, crate::memory::MemoryError> {
     let mut buf = vec![0u8; page_size() as usize];
-    for i in 0..memory.layout().guest_size / page_size() {
-        memory.read_guest(memory.layout().base_gpa + i * page_size(), &mut buf)?;
+    let layout = memory.layout();
+    for i in 0..layout.guest_size / page_size() {
+        memory.read_guest(layout.gpa(GuestOffset(i * page_size())), &mut buf)?;
         if buf.iter().any(|&b| b != (i & 0xff) as u8) {
             return Ok(Some(i));
         }

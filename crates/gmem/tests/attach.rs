@@ -7,8 +7,8 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::{Mutex, MutexGuard};
 
 use gmem::memory::{
-    AttachedGmem, ChunkLayout, GmemFlags, GuestMemfd, GuestMemory, PageLocation, Residency,
-    page_size,
+    AttachedGmem, ChunkLayout, GmemFlags, GmemOffset, GuestMemfd, GuestMemory, PageLocation,
+    Residency, page_size,
 };
 use gmem::testing::kvm_or_skip;
 
@@ -53,8 +53,8 @@ fn attach_counts_places_and_relates_every_gmem_of_a_process() {
     )
     .unwrap();
     // Two runs of written pages, with a hole between and after them.
-    owned.populate(MIB, 300 * page).unwrap();
-    owned.populate(5 * MIB, 7 * page).unwrap();
+    owned.populate(GmemOffset(MIB), 300 * page).unwrap();
+    owned.populate(GmemOffset(5 * MIB), 7 * page).unwrap();
     let confidential = GuestMemfd::create(&vm, 2 * MIB, GmemFlags::NONE).unwrap();
     let kernel_flags = GuestMemfd::kernel_flags(&kvm);
     assert!(
@@ -91,7 +91,7 @@ fn attach_counts_places_and_relates_every_gmem_of_a_process() {
     }
     // The same pages, as the owner's own placement query sees them.
     assert_eq!(
-        owned.placement(0, 8 * MIB).unwrap().per_node(),
+        owned.placement(GmemOffset(0), 8 * MIB).unwrap().per_node(),
         placement.per_node()
     );
 
@@ -101,15 +101,25 @@ fn attach_counts_places_and_relates_every_gmem_of_a_process() {
     assert_eq!(mappings.len(), 1, "{mappings:?}");
     assert_eq!(mappings[0].start, owner_map.addr() as u64);
     assert_eq!(mappings[0].len(), 8 * MIB);
-    assert_eq!(mappings[0].gmem_offset, 0);
+    assert_eq!(mappings[0].gmem_offset, GmemOffset(0));
     assert_eq!(mappings[0].perms, "rw-s");
     assert_eq!(mappings[0].policy.as_deref(), Some("default"));
     // The owner wrote these pages through its mapping, so numa_maps sees all of them.
     assert_eq!(mappings[0].mapped_pages(), 307);
 
     // The duplicate is the owner's file: a discard through it frees the owner's pages.
-    attached.mapped().unwrap().discard(MIB, 100 * page).unwrap();
-    assert_eq!(owned.placement(MIB, 300 * page).unwrap().not_present(), 100);
+    attached
+        .mapped()
+        .unwrap()
+        .discard(GmemOffset(MIB), 100 * page)
+        .unwrap();
+    assert_eq!(
+        owned
+            .placement(GmemOffset(MIB), 300 * page)
+            .unwrap()
+            .not_present(),
+        100
+    );
     assert_eq!(attached.layout(), ChunkLayout::single_slot(8 * MIB));
 
     // A gmem without MMAP: found, not host-mappable, nothing of its pages visible.

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use gmem::memory::{
-    ChunkLayout, GmemFlags, GuestMemfd, GuestMemory, MemoryError, PageLocation, Policy, page_size,
+    ChunkIndex, ChunkLayout, GmemFlags, GmemOffset, GuestAddress, GuestMemfd, GuestMemory,
+    MemoryError, PageLocation, Policy, page_size,
 };
 use gmem::numa::{NodeId, NodeMask, NumaMaps, Pagemap, Topology};
 use gmem::sys::mempolicy::{self, MPOL_BIND};
@@ -44,12 +45,12 @@ fn create_map_bind_write_and_place() {
     );
 
     let pattern: Vec<u8> = (0..3 * MIB).map(|i| (i % 251) as u8).collect();
-    mem.write_guest(MIB, &pattern).unwrap(); // spans chunks 0 and 1
+    mem.write_guest(GuestAddress(MIB), &pattern).unwrap(); // spans chunks 0 and 1
     let mut back = vec![0u8; pattern.len()];
-    mem.read_guest(MIB, &mut back).unwrap();
+    mem.read_guest(GuestAddress(MIB), &mut back).unwrap();
     assert_eq!(back, pattern);
 
-    let placement = mem.placement(MIB, 3 * MIB).unwrap();
+    let placement = mem.placement(GmemOffset(MIB), 3 * MIB).unwrap();
     let online = Topology::read().unwrap().node_mask();
     assert_eq!(placement.pages(), 3 * MIB / page_size());
     for range in &placement.ranges {
@@ -61,7 +62,8 @@ fn create_map_bind_write_and_place() {
         }
     }
     assert!(
-        mem.read_guest(7 * MIB, &mut vec![0u8; 2 << 20]).is_err(),
+        mem.read_guest(GuestAddress(7 * MIB), &mut vec![0u8; 2 << 20])
+            .is_err(),
         "read past guest RAM must fail"
     );
 }
@@ -76,10 +78,10 @@ fn mbind_policy_appears_in_numa_maps() {
     let mem =
         GuestMemory::create(vm, ChunkLayout::single_slot(len), GmemFlags::HOST_MAPPABLE).unwrap();
     let policy = Policy::Bind(NodeMask::single(node));
-    mem.set_policy(0, len, &policy).unwrap();
-    mem.populate(0, len).unwrap();
-    assert_eq!(mem.policy_at(0).unwrap(), policy);
-    assert!(mem.placement(0, len).unwrap().all_on(node));
+    mem.set_policy(GmemOffset(0), len, &policy).unwrap();
+    mem.populate(GmemOffset(0), len).unwrap();
+    assert_eq!(mem.policy_at(GmemOffset(0)).unwrap(), policy);
+    assert!(mem.placement(GmemOffset(0), len).unwrap().all_on(node));
 
     let addr = mem.mapping().unwrap().addr() as u64;
     let maps = NumaMaps::read_self().unwrap();
@@ -119,9 +121,9 @@ fn punched_range_reads_zero_with_new_pfns() {
     // another allocation so the refault must take different frames.
     let cpus = sched::affinity().unwrap();
     sched::set_affinity(&cpus[..1]).unwrap();
-    mem.gmem().punch(MIB, MIB).unwrap();
-    mem.gmem().allocate(len, MIB).unwrap(); // the spare chunk soaks the freed frames
-    mem.populate(MIB, MIB).unwrap();
+    mem.gmem().punch(GmemOffset(MIB), MIB).unwrap();
+    mem.gmem().allocate(GmemOffset(len), MIB).unwrap(); // the spare chunk soaks the freed frames
+    mem.populate(GmemOffset(MIB), MIB).unwrap();
     sched::set_affinity(&cpus).unwrap();
 
     let mut buf = vec![0xffu8; MIB as usize];
@@ -134,9 +136,9 @@ fn punched_range_reads_zero_with_new_pfns() {
     if before.iter().zip(&after).any(|(b, a)| b == a) {
         // Other test threads allocate and free on this CPU too: a freed frame can come
         // straight back. Try once more, the way the refault mechanism does.
-        mem.discard(MIB, MIB).unwrap();
-        mem.gmem().allocate(len + MIB, MIB).unwrap();
-        mem.populate(MIB, MIB).unwrap();
+        mem.discard(GmemOffset(MIB), MIB).unwrap();
+        mem.gmem().allocate(GmemOffset(len + MIB), MIB).unwrap();
+        mem.populate(GmemOffset(MIB), MIB).unwrap();
         after = pagemap.pfns(map.addr() as u64 + MIB, pages).unwrap();
     }
     let reused = before.iter().zip(&after).filter(|(b, a)| b == a).count();
@@ -165,21 +167,21 @@ fn rebind_chunk_moves_the_memslot_and_table() {
     )
     .unwrap();
     mem.bind_to_vm().unwrap();
-    mem.write_guest(MIB, b"chunk one").unwrap();
+    mem.write_guest(GuestAddress(MIB), b"chunk one").unwrap();
     let spare = mem.take_spare().unwrap();
     let map = mem.mapping().unwrap();
     map.copy_to(
-        mem.chunk_offset(1) as usize,
+        mem.chunk_offset(ChunkIndex(1)).index(),
         map,
-        spare as usize,
+        spare.index(),
         MIB as usize,
     );
-    let old = mem.rebind_chunk(1, spare).unwrap();
-    assert_eq!(old, MIB);
-    assert_eq!(mem.chunk_offset(1), spare);
-    assert_eq!(mem.host_offset(MIB), Some(spare));
+    let old = mem.rebind_chunk(ChunkIndex(1), spare).unwrap();
+    assert_eq!(old, GmemOffset(MIB));
+    assert_eq!(mem.chunk_offset(ChunkIndex(1)), spare);
+    assert_eq!(mem.host_offset(GuestAddress(MIB)), Some(spare));
     let mut buf = [0u8; 9];
-    mem.read_guest(MIB, &mut buf).unwrap();
+    mem.read_guest(GuestAddress(MIB), &mut buf).unwrap();
     assert_eq!(&buf, b"chunk one");
     mem.return_spare(old);
     assert_eq!(mem.spare_chunks(), 2);
@@ -240,14 +242,17 @@ fn bad_input_gets_a_clear_error() {
         .find(|n| topo.node(*n).is_none())
         .unwrap();
     expect_user_error(
-        mem.set_policy(0, MIB, &Policy::Bind(NodeMask::single(absent))),
+        mem.set_policy(GmemOffset(0), MIB, &Policy::Bind(NodeMask::single(absent))),
         &format!("NUMA node {absent} does not exist"),
     );
     expect_user_error(
-        mem.set_policy(100, MIB, &Policy::Default),
+        mem.set_policy(GmemOffset(100), MIB, &Policy::Default),
         "not page-aligned",
     );
-    expect_user_error(mem.gmem().punch(0, 2 * MIB), "runs past the end");
+    expect_user_error(
+        mem.gmem().punch(GmemOffset(0), 2 * MIB),
+        "runs past the end",
+    );
 }
 
 #[test]
@@ -264,7 +269,10 @@ fn confidential_gmem_is_never_mapped() {
     assert!(!mem.gmem().is_host_mappable());
     expect_user_error(mem.mapping().map(|_| ()), "treated as confidential");
     expect_user_error(mem.gmem().map().map(|_| ()), "never map or copy");
-    expect_user_error(mem.read_guest(0, &mut [0u8; 8]), "confidential");
+    expect_user_error(
+        mem.read_guest(GuestAddress(0), &mut [0u8; 8]),
+        "confidential",
+    );
 }
 
 /// What `migrate --pid`'s report claims about a VMM's future allocations rests on this: a bind

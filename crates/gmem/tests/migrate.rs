@@ -5,7 +5,10 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use gmem::memory::{ChunkLayout, GmemFlags, GuestMemfd, GuestMemory, Policy, page_size};
+use gmem::memory::{
+    ChunkIndex, ChunkLayout, GmemFlags, GmemOffset, GuestAddress, GuestMemfd, GuestMemory, Policy,
+    page_size,
+};
 use gmem::migrate::{
     ContentCheck, ContentCopier, CopierError, CopyOutcome, InjectedFailure, MechanismChoice,
     MechanismKind, MigrateError, MigrationReport, MigrationRequest, Migrator, NothingToQuiesce,
@@ -58,7 +61,7 @@ fn under_writers(mechanism: MechanismKind, layout: ChunkLayout) {
     };
     let mem = Arc::new(GuestMemory::create(vm, layout, GmemFlags::HOST_MAPPABLE).unwrap());
     mem.bind_to_vm().unwrap();
-    mem.populate(0, layout.guest_size).unwrap();
+    mem.populate(GmemOffset(0), layout.guest_size).unwrap();
     let writers = Writers::start(mem.clone(), 2);
     while writers.pages_verified() < layout.guest_size / page_size() {
         std::thread::yield_now(); // one full write+verify sweep before moving
@@ -272,8 +275,9 @@ fn injected(
         report.pages_moved + report.pages_not_moved,
         report.pages_planned
     );
-    let chunks = mem.layout().chunks();
-    let policies = (0..chunks)
+    let policies = mem
+        .layout()
+        .chunk_indices()
         .map(|chunk| mem.policy_at(mem.chunk_offset(chunk)).unwrap())
         .collect();
     (report, policies)
@@ -509,7 +513,7 @@ fn a_memory_cgroup_that_runs_out_loses_nothing() {
 /// A stand-in for firmware: records what it was asked and copies with its own mapping,
 /// the way a firmware copy would fill the destination without the engine's help.
 struct RecordingCopier {
-    calls: Mutex<Vec<(u64, u64, u64)>>,
+    calls: Mutex<Vec<(GmemOffset, GmemOffset, u64)>>,
     outcome: CopyOutcome,
 }
 
@@ -517,14 +521,14 @@ impl ContentCopier for RecordingCopier {
     fn copy(
         &self,
         gmem: &GuestMemfd,
-        src: u64,
-        dst: u64,
+        src: GmemOffset,
+        dst: GmemOffset,
         len: u64,
     ) -> Result<CopyOutcome, CopierError> {
         self.calls.lock().unwrap().push((src, dst, len));
         if gmem.is_host_mappable() && self.outcome == CopyOutcome::Copied {
             let map = gmem.map().map_err(|e| CopierError(e.to_string()))?;
-            map.copy_to(src as usize, &map, dst as usize, len as usize);
+            map.copy_to(src.index(), &map, dst.index(), len as usize);
         }
         Ok(self.outcome)
     }
@@ -626,7 +630,7 @@ proptest! {
         let mem = GuestMemory::create(vm, layout, GmemFlags::HOST_MAPPABLE).unwrap();
         mem.bind_to_vm().unwrap();
         for &page in &touched {
-            mem.write_guest(page * page_size(), &vec![(page % 251) as u8 + 1; page_size() as usize]).unwrap();
+            mem.write_guest(GuestAddress(page * page_size()), &vec![(page % 251) as u8 + 1; page_size() as usize]).unwrap();
         }
         let mechanism = if use_remap { MechanismKind::Remap } else { MechanismKind::Refault };
         let request = MigrationRequest { max_stop: Duration::from_micros(budget_us), ..relocate(mechanism) };
@@ -634,7 +638,7 @@ proptest! {
         prop_assert!(report.complete, "{:#?}", report);
         let mut buf = vec![0u8; page_size() as usize];
         for page in 0..1024u64 {
-            mem.read_guest(page * page_size(), &mut buf).unwrap();
+            mem.read_guest(GuestAddress(page * page_size()), &mut buf).unwrap();
             let want = if touched.contains(&page) { (page % 251) as u8 + 1 } else { 0 };
             prop_assert!(buf.iter().all(|&b| b == want), "page {} lost its content", page);
         }
@@ -659,22 +663,23 @@ fn a_bind_covers_the_memory_the_guest_never_touched() {
         .unwrap();
         mem.bind_to_vm().unwrap();
         // The guest has touched its first chunk only, and only half of it.
-        let first = mem.chunk_offset(0);
+        let first = mem.chunk_offset(ChunkIndex(0));
         mem.mapping()
             .unwrap()
-            .fill(first as usize, MIB as usize, 0x5a);
+            .fill(first.index(), MIB as usize, 0x5a);
         let report = Migrator::new(&mem, &NothingToQuiesce)
             .migrate(&relocate(mechanism))
             .unwrap();
         assert!(report.complete, "{mechanism}: {report:#?}");
         let bound = Policy::Bind(NodeMask::single(home_node()));
-        for chunk in 0..mem.layout().chunks() {
+        for chunk in mem.layout().chunk_indices() {
             for at in [0, MIB + page_size()] {
                 let offset = mem.chunk_offset(chunk) + at;
                 assert_eq!(
                     mem.policy_at(offset).unwrap(),
                     bound,
-                    "{mechanism}: chunk {chunk} + {at:#x} is not bound after the move"
+                    "{mechanism}: chunk {} + {at:#x} is not bound after the move",
+                    chunk.raw()
                 );
             }
         }
@@ -696,7 +701,8 @@ fn a_planned_migration_runs_as_planned() {
     )
     .unwrap();
     mem.bind_to_vm().unwrap();
-    mem.write_guest(0, &vec![0xA5; 4 * MIB as usize]).unwrap();
+    mem.write_guest(GuestAddress(0), &vec![0xA5; 4 * MIB as usize])
+        .unwrap();
     let request = MigrationRequest {
         relocate_in_place: true,
         ..MigrationRequest::new(PlacementPolicy::Bind(home_node()))
@@ -711,7 +717,8 @@ fn a_planned_migration_runs_as_planned() {
     let pages = 4 * MIB / page_size();
     assert_eq!(planned.plan().pages_to_move, pages);
     // Touched after planning: not part of this migration.
-    mem.write_guest(6 * MIB, &vec![0x5A; MIB as usize]).unwrap();
+    mem.write_guest(GuestAddress(6 * MIB), &vec![0x5A; MIB as usize])
+        .unwrap();
     let report = migrator.run(planned).unwrap();
     assert_eq!(report.mechanism, MechanismKind::Remap);
     assert_eq!(report.pages_planned, pages);

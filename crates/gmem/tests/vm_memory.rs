@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use gmem::memory::{ChunkLayout, GmemFlags, GuestMemory, MemoryError};
+use gmem::memory::{ChunkIndex, ChunkLayout, GmemFlags, GmemOffset, GuestMemory, MemoryError};
 use gmem::migrate::{
     MechanismChoice, MechanismKind, MigrationRequest, Migrator, NothingToQuiesce, PlacementPolicy,
 };
@@ -48,14 +48,14 @@ fn the_region_table_follows_a_rebound_chunk() {
     let space = mem.vm_memory().unwrap();
     let before = space.memory();
     assert_eq!(before.num_regions(), 4);
-    let offsets: Vec<u64> = before.iter().map(|r| r.gmem_offset()).collect();
+    let offsets: Vec<GmemOffset> = before.iter().map(|r| r.gmem_offset()).collect();
     assert_eq!(offsets, mem.chunk_offsets());
 
     let spare = mem.take_spare().unwrap();
     mem.mapping()
         .unwrap()
-        .write(spare as usize, b"the chunk's new place");
-    let old = mem.rebind_chunk(2, spare).unwrap();
+        .write(spare.index(), b"the chunk's new place");
+    let old = mem.rebind_chunk(ChunkIndex(2), spare).unwrap();
     mem.return_spare(old);
 
     let after = space.memory();
@@ -101,7 +101,7 @@ fn a_device_write_through_vm_memory_survives_a_remap() {
     assert_eq!(report.steps, layout.chunks(), "remap moves every chunk");
 
     let after = space.memory();
-    let offsets_after: Vec<u64> = after.iter().map(|r| r.gmem_offset()).collect();
+    let offsets_after: Vec<GmemOffset> = after.iter().map(|r| r.gmem_offset()).collect();
     assert_eq!(
         offsets_after,
         mem.chunk_offsets(),
@@ -120,7 +120,8 @@ fn a_device_write_through_vm_memory_survives_a_remap() {
             .read_slice(&mut through_vm_memory, GuestAddress(gpa))
             .unwrap();
         let mut through_gmem = vec![0u8; len];
-        mem.read_guest(gpa, &mut through_gmem).unwrap();
+        mem.read_guest(GuestAddress(gpa), &mut through_gmem)
+            .unwrap();
         assert_eq!(through_vm_memory, device_bytes(gpa, len), "at {gpa:#x}");
         assert_eq!(through_gmem, through_vm_memory, "at {gpa:#x}");
     }
@@ -129,7 +130,7 @@ fn a_device_write_through_vm_memory_survives_a_remap() {
         .write_obj(0xfeed_f00d_u64, GuestAddress(5 * MIB))
         .unwrap();
     let mut word = [0u8; 8];
-    mem.read_guest(5 * MIB, &mut word).unwrap();
+    mem.read_guest(GuestAddress(5 * MIB), &mut word).unwrap();
     assert_eq!(u64::from_ne_bytes(word), 0xfeed_f00d);
 }
 

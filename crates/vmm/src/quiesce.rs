@@ -11,6 +11,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use gmem::memory::GuestAddress;
 use gmem::migrate::{Quiesce, QuiesceError};
 use gmem::sys::signal;
 
@@ -293,7 +294,7 @@ impl Quiesce for VmQuiesce {
     /// Maps the range into KVM's stage-2 tables through vCPU 0 (`KVM_PRE_FAULT_MEMORY`),
     /// which is possible only while no vCPU runs. Where KVM refuses (no TDP: shadow paging,
     /// as under PVM), the VM stops trying and the guest faults the pages in itself.
-    fn prefault(&self, gpa: u64, len: u64) -> bool {
+    fn prefault(&self, gpa: GuestAddress, len: u64) -> bool {
         let mut vcpu = lock(&self.control.prefault_vcpu);
         let Some(fd) = vcpu.as_ref() else {
             return false;
@@ -301,7 +302,7 @@ impl Quiesce for VmQuiesce {
         if !lock(&self.control.state).none_running() {
             return false;
         }
-        match gmem::sys::kvm::pre_fault_memory(fd.as_fd(), gpa, len) {
+        match gmem::sys::kvm::pre_fault_memory(fd.as_fd(), gpa.0, len) {
             Ok(()) => true,
             Err(e) => {
                 eprintln!(

@@ -4,6 +4,7 @@
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use gmem::memory::{ChunkIndex, GuestAddress};
 use gmem::migrate::{Paused, Quiesce};
 use vmm::{LatencyHistogram, Metrics, Vm, VmConfig, VmError, VmState};
 
@@ -269,21 +270,21 @@ fn chunks_remapped_under_the_running_guest_lose_no_word() {
     let mut stop = LatencyHistogram::default();
     for round in 0..rounds {
         // Round 0 moves chunk 0: the guest's own code and page tables.
-        let chunk = (round * 37) % chunks;
+        let chunk = ChunkIndex((round * 37) % chunks);
         // While the guest runs: allocate and map the destination, and map the source (the
         // guest's writes went through KVM, so the host mapping has no page tables for them).
         let spare = memory.take_spare().expect("a spare chunk");
         memory.gmem().allocate(spare, chunk_size).unwrap();
-        mapping.populate_write(spare as usize, len).unwrap();
+        mapping.populate_write(spare.index(), len).unwrap();
         let old = memory.chunk_offset(chunk);
         mapping
-            .madvise(old as usize, len, libc::MADV_POPULATE_READ)
+            .madvise(old.index(), len, libc::MADV_POPULATE_READ)
             .unwrap();
 
         let t0 = Instant::now();
         let paused = Paused::new(vm.quiesce()).unwrap();
         let t1 = Instant::now();
-        mapping.copy_to(old as usize, mapping, spare as usize, len);
+        mapping.copy_to(old.index(), mapping, spare.index(), len);
         let t2 = Instant::now();
         assert_eq!(memory.rebind_chunk(chunk, spare).unwrap(), old);
         let t3 = Instant::now();
@@ -361,9 +362,11 @@ fn a_corrupted_word_is_reported_by_the_guest() {
         for slice in vm.slices() {
             for gpa in (slice.start + 8 * (attempt + 1)..slice.end()).step_by(1 << 20) {
                 let mut word = [0u8; 8];
-                memory.read_guest(gpa, &mut word).unwrap();
+                memory.read_guest(GuestAddress(gpa), &mut word).unwrap();
                 let word = u64::from_le_bytes(word) ^ FLIP;
-                memory.write_guest(gpa, &word.to_le_bytes()).unwrap();
+                memory
+                    .write_guest(GuestAddress(gpa), &word.to_le_bytes())
+                    .unwrap();
                 flipped.push(gpa);
             }
         }

@@ -6,7 +6,9 @@ use std::process::{Child, ChildStdout, Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use gmem::memory::{ChunkLayout, GuestMemfd, GuestMemory, MemoryError, Policy, page_size};
+use gmem::memory::{
+    ChunkLayout, GmemOffset, GuestMemfd, GuestMemory, MemoryError, Policy, page_size,
+};
 use gmem::migrate::{
     MechanismChoice, MechanismKind, MigrationReport, MigrationRequest, Migrator, NothingToQuiesce,
     PlacementPolicy, StepOutcome,
@@ -324,7 +326,7 @@ pub fn full_node() -> Result<Verdict, GuestError> {
         let memory = GuestMemory::create(vm, layout, flags)?;
         memory.bind_to_vm()?;
         let home = Policy::Bind(NodeMask::single(HOME));
-        memory.set_policy(0, memory.gmem().size(), &home)?;
+        memory.set_policy(GmemOffset(0), memory.gmem().size(), &home)?;
         fill_seed_pattern(&memory)?;
         Ok(memory)
     };

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use gmem::memory::{ChunkLayout, GmemFlags, GuestMemfd, GuestMemory, Policy};
+use gmem::memory::{ChunkLayout, GmemFlags, GmemOffset, GuestMemfd, GuestMemory, Policy};
 use gmem::numa::{FrameNodes, NodeId, NodeMask, Pagemap};
 use gmem::sys::kvm::DEFAULT_KVM_DEVICE;
 use gmem::sys::kvm::KVM_CAP_GUEST_MEMFD_FLAGS;
@@ -745,7 +745,11 @@ impl Filled {
         if bind_slot {
             memory.bind_to_vm()?;
         }
-        memory.set_policy(0, size, &Policy::Bind(NodeMask::single(NodeId(1))))?;
+        memory.set_policy(
+            GmemOffset(0),
+            size,
+            &Policy::Bind(NodeMask::single(NodeId(1))),
+        )?;
         fill_seed_pattern(&memory)?;
         Ok(Filled {
             memory,

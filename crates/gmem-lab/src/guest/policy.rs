@@ -13,7 +13,7 @@
 
 use std::path::Path;
 
-use gmem::memory::{GmemFlags, GuestMemfd, Placement};
+use gmem::memory::{GmemFlags, GmemOffset, GuestMemfd, Placement};
 use gmem::numa::{NodeId, NodeMask};
 use gmem::sys::kvm::DEFAULT_KVM_DEVICE;
 use gmem::sys::mempolicy::{self, MPOL_BIND, MPOL_DEFAULT};
@@ -34,10 +34,10 @@ const TASK_NODE: u32 = 0;
 /// Pages per node of `map[offset..offset + PART]`, after touching each page through `map`
 /// with a read: a folio fallocate allocated is not uptodate, so mincore does not see it,
 /// and the read fault maps the existing folio without allocating another.
-fn nodes_of(map: &Mmap, offset: u64) -> Result<Value, GuestError> {
+fn nodes_of(map: &Mmap, offset: GmemOffset) -> Result<Value, GuestError> {
     let page = gmem::memory::page_size();
     for i in 0..PART / page {
-        map.read_u64((offset + i * page) as usize);
+        map.read_u64((offset + i * page).index());
     }
     let placement = Placement::query(map, offset, PART)?;
     Ok(json!(placement.per_node()))
@@ -76,9 +76,9 @@ fn observe() -> Result<Value, GuestError> {
     let seen_mask = NodeMask::from_raw(seen.1);
     let vmm_sees_bind = seen.0 == MPOL_BIND && seen_mask == target;
     vmm.fill(0, PART as usize, 0x5a);
-    let fault = nodes_of(&vmm, 0)?;
-    gmem.allocate(PART, PART)?;
-    let fallocate = nodes_of(&vmm, PART)?;
+    let fault = nodes_of(&vmm, GmemOffset(0))?;
+    gmem.allocate(GmemOffset(PART), PART)?;
+    let fallocate = nodes_of(&vmm, GmemOffset(PART))?;
     Ok(json!({
         "vmm_mapping_policy": {"mode": seen.0, "nodes": seen_mask.to_string()},
         "vmm_mapping_sees_bind": vmm_sees_bind,

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::procfs;
 use super::stop::{FoundState, StopError, StopMethod, VmmStop};
-use crate::memory::{AttachError, AttachedGmem, page_size};
+use crate::memory::{AttachError, AttachedGmem, GmemOffset, page_size};
 use crate::migrate::verify::{BLOCK, hash_range};
 use crate::migrate::{BatchJournal, BatchPoint, JournalError, MAX_BATCH_BYTES};
 use crate::sys::mman::Mmap;
@@ -68,7 +68,7 @@ struct BatchRecord {
     dev: u64,
     inode: u64,
     /// The batch: gmem offset and length; its bytes are `0..len` of the bounce file.
-    offset: u64,
+    offset: GmemOffset,
     len: u64,
     /// xxh3-64 of those bytes, as 16 hex digits.
     checksum: String,
@@ -219,7 +219,7 @@ impl BatchJournal for GmemJournal<'_> {
         &self.journal.bounce
     }
 
-    fn record(&self, gmem_offset: u64, len: u64) -> Result<(), JournalError> {
+    fn record(&self, gmem_offset: GmemOffset, len: u64) -> Result<(), JournalError> {
         let journal = self.journal;
         let mut block = vec![0u8; BLOCK];
         let record = BatchRecord {
@@ -358,7 +358,7 @@ pub struct RestoredBatch {
     /// The gmem's inode.
     pub inode: u64,
     /// gmem offset of the batch.
-    pub offset: u64,
+    pub offset: GmemOffset,
     /// Its length.
     pub len: u64,
 }
@@ -411,7 +411,7 @@ pub enum RecoverError {
         /// The VMM.
         pid: u32,
         /// gmem offset.
-        offset: u64,
+        offset: GmemOffset,
         /// Length.
         len: u64,
         /// The recorded checksum.
@@ -461,7 +461,7 @@ pub enum RecoverError {
         /// The VMM.
         pid: u32,
         /// gmem offset.
-        offset: u64,
+        offset: GmemOffset,
         /// Length.
         len: u64,
     },
@@ -678,7 +678,7 @@ fn read_private(file: &File, len: usize) -> io::Result<Mmap> {
 /// copies the saved bytes in, and compares them.
 fn write_back(gmem: &File, batch: &BatchRecord, saved: &Mmap) -> io::Result<bool> {
     let len = batch.len as usize;
-    let map = Mmap::shared(std::os::fd::AsFd::as_fd(gmem), batch.offset, len)?;
+    let map = Mmap::shared(std::os::fd::AsFd::as_fd(gmem), batch.offset.raw(), len)?;
     map.populate_write(0, len)?;
     saved.copy_to(0, &map, 0, len);
     Ok(map.equal(0, saved, 0, len))

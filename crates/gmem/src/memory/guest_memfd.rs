@@ -4,7 +4,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use kvm_ioctls::{Kvm, VmFd};
 
-use super::{GmemFlags, MemoryError, check_range, page_size};
+use super::{GmemFlags, GmemOffset, MemoryError, check_range, page_size};
 use crate::sys::kvm::{self as sys_kvm, KVM_CAP_GUEST_MEMFD, KVM_CAP_GUEST_MEMFD_FLAGS};
 use crate::sys::mman::{self, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Mmap};
 
@@ -116,8 +116,9 @@ impl GuestMemfd {
     /// mapping them (`fallocate(KEEP_SIZE)`). A memory cgroup at its limit fails here with
     /// ENOMEM, not later with SIGBUS; a full node under a bind policy runs the OOM killer
     /// instead, so check it first with [`super::ensure_room`].
-    pub fn allocate(&self, offset: u64, len: u64) -> Result<(), MemoryError> {
+    pub fn allocate(&self, offset: GmemOffset, len: u64) -> Result<(), MemoryError> {
         check_range(offset, len, self.size)?;
+        let offset = offset.raw();
         mman::fallocate(self.fd.as_fd(), FALLOC_FL_KEEP_SIZE, offset, len).map_err(|source| {
             MemoryError::Allocate {
                 offset,
@@ -129,8 +130,9 @@ impl GuestMemfd {
 
     /// Frees the range's folios (`fallocate(PUNCH_HOLE|KEEP_SIZE)`); it then reads as zeros
     /// and the next touch allocates fresh folios.
-    pub fn punch(&self, offset: u64, len: u64) -> Result<(), MemoryError> {
+    pub fn punch(&self, offset: GmemOffset, len: u64) -> Result<(), MemoryError> {
         check_range(offset, len, self.size)?;
+        let offset = offset.raw();
         mman::fallocate(
             self.fd.as_fd(),
             FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,

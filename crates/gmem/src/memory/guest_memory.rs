@@ -9,13 +9,13 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use kvm_ioctls::VmFd;
-use serde::Serialize;
-use vm_memory::GuestMemoryAtomic;
+use serde::{Serialize, Serializer};
+use vm_memory::{Address, GuestAddress, GuestMemoryAtomic};
 
 use super::regions::{ChunkRegion, chunk_region, chunk_regions, region_table};
 use super::{
-    GmemAddressSpace, GmemFlags, GuestMemfd, MappedGmem, MemoryError, Placement, Policy,
-    check_range, page_size,
+    ChunkIndex, GmemAddressSpace, GmemFlags, GmemOffset, GuestMemfd, GuestOffset, MappedGmem,
+    MemoryError, Placement, Policy, check_range, page_size,
 };
 use crate::sys::kvm::{MemslotRegion, set_user_memory_region2};
 use crate::sys::mman::Mmap;
@@ -30,7 +30,8 @@ pub struct ChunkLayout {
     /// Extra chunk-sized room in the gmem, for remapping.
     pub spare_chunks: u64,
     /// Guest physical address of chunk 0.
-    pub base_gpa: u64,
+    #[serde(serialize_with = "raw_gpa")]
+    pub base_gpa: GuestAddress,
     /// KVM slot id of chunk 0; chunk i uses `first_slot + i`.
     pub first_slot: u32,
 }
@@ -42,7 +43,7 @@ impl ChunkLayout {
             guest_size,
             chunk_size: guest_size,
             spare_chunks: 0,
-            base_gpa: 0,
+            base_gpa: GuestAddress(0),
             first_slot: 0,
         }
     }
@@ -53,7 +54,7 @@ impl ChunkLayout {
             guest_size,
             chunk_size,
             spare_chunks,
-            base_gpa: 0,
+            base_gpa: GuestAddress(0),
             first_slot: 0,
         }
     }
@@ -61,6 +62,47 @@ impl ChunkLayout {
     /// Number of guest chunks (memslots).
     pub fn chunks(&self) -> u64 {
         self.guest_size / self.chunk_size
+    }
+
+    /// Every guest chunk, in guest order.
+    pub fn chunk_indices(&self) -> impl Iterator<Item = ChunkIndex> + use<> {
+        (0..self.chunks()).map(ChunkIndex)
+    }
+
+    /// Where guest chunk `chunk` starts in guest RAM.
+    pub fn chunk_start(&self, chunk: ChunkIndex) -> GuestOffset {
+        GuestOffset(chunk.raw() * self.chunk_size)
+    }
+
+    /// The chunk that holds `offset`, and how far into it `offset` is.
+    pub fn chunk_of(&self, offset: GuestOffset) -> (ChunkIndex, u64) {
+        (
+            ChunkIndex(offset.raw() / self.chunk_size),
+            offset.raw() % self.chunk_size,
+        )
+    }
+
+    /// The guest-physical address of `offset`.
+    pub fn gpa(&self, offset: GuestOffset) -> GuestAddress {
+        self.base_gpa.unchecked_add(offset.raw())
+    }
+
+    /// The offset into guest RAM of guest-physical `gpa`, or `None` outside RAM.
+    pub fn guest_offset(&self, gpa: GuestAddress) -> Option<GuestOffset> {
+        gpa.checked_offset_from(self.base_gpa)
+            .filter(|&rel| rel < self.guest_size)
+            .map(GuestOffset)
+    }
+
+    /// The gmem offset of the `n`-th chunk-sized piece of the gmem (where guest chunk `n`
+    /// starts before any remap, and where the spares follow the guest chunks).
+    pub(crate) fn gmem_piece(&self, n: u64) -> GmemOffset {
+        GmemOffset(n * self.chunk_size)
+    }
+
+    /// The KVM slot id of guest chunk `chunk`.
+    fn slot(&self, chunk: ChunkIndex) -> u32 {
+        self.first_slot + chunk.raw() as u32
     }
 
     /// Size of the backing gmem: guest chunks plus spares.
@@ -92,23 +134,28 @@ impl ChunkLayout {
                 self.guest_size, self.chunk_size
             )));
         }
-        if !self.base_gpa.is_multiple_of(page) {
+        if !self.base_gpa.raw_value().is_multiple_of(page) {
             return Err(MemoryError::Layout(format!(
                 "base guest address {:#x} is not page-aligned",
-                self.base_gpa
+                self.base_gpa.raw_value()
             )));
         }
         Ok(())
     }
 }
 
+/// The base address as the number it always was in JSON (vm-memory has no serde).
+fn raw_gpa<S: Serializer>(gpa: &GuestAddress, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_u64(gpa.raw_value())
+}
+
 /// Where each chunk lives in the gmem, and which gmem chunks are free.
 #[derive(Debug, Clone)]
 struct ChunkTable {
     /// gmem offset of guest chunk i.
-    offsets: Vec<u64>,
+    offsets: Vec<GmemOffset>,
     /// gmem offsets not backing any chunk.
-    spare: Vec<u64>,
+    spare: Vec<GmemOffset>,
     /// Whether the memslots are registered with KVM.
     bound: bool,
     /// Guest chunk i as a vm-memory region (empty when the host cannot map the gmem).
@@ -143,11 +190,11 @@ impl GuestMemory {
             None
         };
         let chunks = layout.chunks();
-        let offsets: Vec<u64> = (0..chunks).map(|i| i * layout.chunk_size).collect();
+        let offsets: Vec<GmemOffset> = (0..chunks).map(|i| layout.gmem_piece(i)).collect();
         let host = MappedGmem::new(gmem, map);
         let (regions, address_space) = match host.shared_mapping() {
             Ok(map) => {
-                let regions = chunk_regions(map, layout.base_gpa, layout.chunk_size, &offsets);
+                let regions = chunk_regions(map, &layout, &offsets);
                 let space = GuestMemoryAtomic::new(region_table(&regions)?);
                 (regions, Some(space))
             }
@@ -157,7 +204,7 @@ impl GuestMemory {
             offsets,
             spare: (chunks..chunks + layout.spare_chunks)
                 .rev()
-                .map(|i| i * layout.chunk_size)
+                .map(|i| layout.gmem_piece(i))
                 .collect(),
             bound: false,
             regions,
@@ -223,16 +270,17 @@ impl GuestMemory {
 
     fn region(
         &self,
-        chunk: u64,
-        gmem_offset: u64,
+        chunk: ChunkIndex,
+        gmem_offset: GmemOffset,
         size: u64,
     ) -> Result<MemslotRegion, MemoryError> {
+        let layout = &self.layout;
         Ok(MemslotRegion {
-            slot: self.layout.first_slot + chunk as u32,
-            guest_phys_addr: self.layout.base_gpa + chunk * self.layout.chunk_size,
+            slot: layout.slot(chunk),
+            guest_phys_addr: layout.gpa(layout.chunk_start(chunk)).raw_value(),
             size,
-            userspace_addr: (self.mapping()?.addr() as u64) + gmem_offset,
-            gmem_offset,
+            userspace_addr: (self.mapping()?.addr() as u64) + gmem_offset.raw(),
+            gmem_offset: gmem_offset.raw(),
         })
     }
 
@@ -249,11 +297,11 @@ impl GuestMemory {
     pub fn bind_to_vm(&self) -> Result<(), MemoryError> {
         let mut table = self.table_mut();
         for (chunk, &offset) in table.offsets.iter().enumerate() {
-            let region = self.region(chunk as u64, offset, self.layout.chunk_size)?;
+            let region = self.region(chunk.into(), offset, self.layout.chunk_size)?;
             if let Err(e) = self.set_slot(region) {
                 // Leave no half-bound VM behind.
-                for done in 0..chunk as u64 {
-                    let _ = self.set_slot(self.region(done, table.offsets[done as usize], 0)?);
+                for (done, &offset) in table.offsets[..chunk].iter().enumerate() {
+                    let _ = self.set_slot(self.region(done.into(), offset, 0)?);
                 }
                 return Err(e);
             }
@@ -263,12 +311,12 @@ impl GuestMemory {
     }
 
     /// The gmem offset that backs guest chunk `chunk`.
-    pub fn chunk_offset(&self, chunk: u64) -> u64 {
-        self.table().offsets[chunk as usize]
+    pub fn chunk_offset(&self, chunk: ChunkIndex) -> GmemOffset {
+        self.table().offsets[chunk.index()]
     }
 
     /// gmem offsets of all guest chunks, in guest order.
-    pub fn chunk_offsets(&self) -> Vec<u64> {
+    pub fn chunk_offsets(&self) -> Vec<GmemOffset> {
         self.table().offsets.clone()
     }
 
@@ -278,12 +326,12 @@ impl GuestMemory {
     }
 
     /// Takes a free gmem chunk offset from the spare pool.
-    pub fn take_spare(&self) -> Option<u64> {
+    pub fn take_spare(&self) -> Option<GmemOffset> {
         self.table_mut().spare.pop()
     }
 
     /// Returns a gmem chunk offset to the spare pool (its pages should be punched first).
-    pub fn return_spare(&self, offset: u64) {
+    pub fn return_spare(&self, offset: GmemOffset) {
         let mut table = self.table_mut();
         debug_assert!(!table.offsets.contains(&offset) && !table.spare.contains(&offset));
         table.spare.push(offset);
@@ -294,17 +342,20 @@ impl GuestMemory {
     /// offset. The caller must have stopped every vCPU: a vCPU touching the chunk between
     /// delete and create would exit with a fault. If the re-create fails, the old binding is
     /// restored before the error is returned.
-    pub fn rebind_chunk(&self, chunk: u64, new_offset: u64) -> Result<u64, MemoryError> {
+    pub fn rebind_chunk(
+        &self,
+        chunk: ChunkIndex,
+        new_offset: GmemOffset,
+    ) -> Result<GmemOffset, MemoryError> {
         let size = self.layout.chunk_size;
         check_range(new_offset, size, self.gmem().size())?;
         let mut table = self.table_mut();
-        let old_offset = table.offsets[chunk as usize];
+        let old_offset = table.offsets[chunk.index()];
         // The new region table is built before any slot changes, so nothing can fail after.
         let published = match (&self.address_space, self.host.shared_mapping()) {
             (Some(_), Ok(map)) => {
                 let mut regions = table.regions.clone();
-                regions[chunk as usize] =
-                    chunk_region(map, self.layout.base_gpa, size, chunk as usize, new_offset);
+                regions[chunk.index()] = chunk_region(map, &self.layout, chunk, new_offset);
                 let next = region_table(&regions)?;
                 Some((regions, next))
             }
@@ -317,7 +368,7 @@ impl GuestMemory {
                 return Err(e);
             }
         }
-        table.offsets[chunk as usize] = new_offset;
+        table.offsets[chunk.index()] = new_offset;
         if let (Some(space), Some((regions, next))) = (&self.address_space, published) {
             table.regions = regions;
             space
@@ -328,60 +379,63 @@ impl GuestMemory {
         Ok(old_offset)
     }
 
-    /// Offset into the mapping of guest physical address `gpa`, or `None` outside RAM.
-    pub fn host_offset(&self, gpa: u64) -> Option<u64> {
-        let rel = gpa.checked_sub(self.layout.base_gpa)?;
-        if rel >= self.layout.guest_size {
-            return None;
-        }
-        let chunk = rel / self.layout.chunk_size;
-        Some(self.table().offsets[chunk as usize] + rel % self.layout.chunk_size)
+    /// The gmem offset (and mapping offset) of guest physical address `gpa`, or `None`
+    /// outside RAM.
+    pub fn host_offset(&self, gpa: GuestAddress) -> Option<GmemOffset> {
+        let (chunk, within) = self.layout.chunk_of(self.layout.guest_offset(gpa)?);
+        Some(self.table().offsets[chunk.index()] + within)
     }
 
-    /// Splits `gpa..gpa+len` into (mapping offset, length) pieces that stay within chunks.
-    fn host_pieces(&self, gpa: u64, len: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
-        let rel = gpa.wrapping_sub(self.layout.base_gpa);
-        if gpa < self.layout.base_gpa
-            || rel
-                .checked_add(len)
-                .is_none_or(|e| e > self.layout.guest_size)
-        {
-            return Err(MemoryError::RangeOutOfBounds {
-                offset: gpa,
-                len,
-                size: self.layout.guest_size,
+    /// Splits `gpa..gpa+len` into (gmem offset, length) pieces that stay within chunks.
+    fn host_pieces(
+        &self,
+        gpa: GuestAddress,
+        len: u64,
+    ) -> Result<Vec<(GmemOffset, u64)>, MemoryError> {
+        let layout = &self.layout;
+        let start = gpa
+            .checked_offset_from(layout.base_gpa)
+            .map(GuestOffset)
+            .filter(|rel| {
+                rel.checked_add(len)
+                    .is_some_and(|e| e.raw() <= layout.guest_size)
             });
-        }
+        let Some(start) = start else {
+            return Err(MemoryError::RangeOutOfBounds {
+                offset: gpa.raw_value(),
+                len,
+                size: layout.guest_size,
+            });
+        };
         let table = self.table();
         let mut pieces = Vec::new();
-        let (mut at, end) = (rel, rel + len);
+        let (mut at, end) = (start, start + len);
         while at < end {
-            let chunk = at / self.layout.chunk_size;
-            let within = at % self.layout.chunk_size;
-            let take = (self.layout.chunk_size - within).min(end - at);
-            pieces.push((table.offsets[chunk as usize] + within, take));
+            let (chunk, within) = layout.chunk_of(at);
+            let take = (layout.chunk_size - within).min(end.bytes_since(at));
+            pieces.push((table.offsets[chunk.index()] + within, take));
             at += take;
         }
         Ok(pieces)
     }
 
     /// Copies guest memory at `gpa` into `buf`.
-    pub fn read_guest(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+    pub fn read_guest(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), MemoryError> {
         let map = self.mapping()?;
         let mut done = 0usize;
         for (offset, len) in self.host_pieces(gpa, buf.len() as u64)? {
-            map.read(offset as usize, &mut buf[done..done + len as usize]);
+            map.read(offset.index(), &mut buf[done..done + len as usize]);
             done += len as usize;
         }
         Ok(())
     }
 
     /// Copies `buf` into guest memory at `gpa`.
-    pub fn write_guest(&self, gpa: u64, buf: &[u8]) -> Result<(), MemoryError> {
+    pub fn write_guest(&self, gpa: GuestAddress, buf: &[u8]) -> Result<(), MemoryError> {
         let map = self.mapping()?;
         let mut done = 0usize;
         for (offset, len) in self.host_pieces(gpa, buf.len() as u64)? {
-            map.write(offset as usize, &buf[done..done + len as usize]);
+            map.write(offset.index(), &buf[done..done + len as usize]);
             done += len as usize;
         }
         Ok(())
@@ -389,7 +443,12 @@ impl GuestMemory {
 
     /// Sets the NUMA policy of a gmem range (mapping offsets) for future allocations
     /// (`mbind(2)` without MOVE). Nodes are checked against the live topology first.
-    pub fn set_policy(&self, offset: u64, len: u64, policy: &Policy) -> Result<(), MemoryError> {
+    pub fn set_policy(
+        &self,
+        offset: GmemOffset,
+        len: u64,
+        policy: &Policy,
+    ) -> Result<(), MemoryError> {
         self.host.set_policy(offset, len, policy)
     }
 
@@ -397,7 +456,7 @@ impl GuestMemory {
     /// validated their nodes once (the migration engine, inside a stop).
     pub(crate) fn set_policy_unchecked(
         &self,
-        offset: u64,
+        offset: GmemOffset,
         len: u64,
         policy: &Policy,
     ) -> Result<(), MemoryError> {
@@ -405,12 +464,12 @@ impl GuestMemory {
     }
 
     /// The NUMA policy in force at a gmem offset (`get_mempolicy(MPOL_F_ADDR)`).
-    pub fn policy_at(&self, offset: u64) -> Result<Policy, MemoryError> {
+    pub fn policy_at(&self, offset: GmemOffset) -> Result<Policy, MemoryError> {
         self.host.policy_at(offset)
     }
 
     /// Where each page of a gmem range (mapping offsets) is resident.
-    pub fn placement(&self, offset: u64, len: u64) -> Result<Placement, MemoryError> {
+    pub fn placement(&self, offset: GmemOffset, len: u64) -> Result<Placement, MemoryError> {
         self.host.placement(offset, len)
     }
 
@@ -420,12 +479,12 @@ impl GuestMemory {
     }
 
     /// Frees a gmem range's pages (see [`MappedGmem::discard`]).
-    pub fn discard(&self, offset: u64, len: u64) -> Result<(), MemoryError> {
+    pub fn discard(&self, offset: GmemOffset, len: u64) -> Result<(), MemoryError> {
         self.host.discard(offset, len)
     }
 
     /// Faults in a gmem range for writing in one call (`MADV_POPULATE_WRITE`).
-    pub fn populate(&self, offset: u64, len: u64) -> Result<(), MemoryError> {
+    pub fn populate(&self, offset: GmemOffset, len: u64) -> Result<(), MemoryError> {
         self.host.populate(offset, len)
     }
 }
@@ -441,10 +500,42 @@ impl Drop for GuestMemory {
             .clone();
         if table.bound {
             for (chunk, &offset) in table.offsets.iter().enumerate() {
-                if let Ok(region) = self.region(chunk as u64, offset, 0) {
+                if let Ok(region) = self.region(chunk.into(), offset, 0) {
                     let _ = self.set_slot(region);
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_converts_between_addresses_offsets_and_chunks() {
+        let layout = ChunkLayout {
+            base_gpa: GuestAddress(0x4000_0000),
+            ..ChunkLayout::chunked(8 << 20, 2 << 20, 1)
+        };
+        let gpa = GuestAddress(0x4000_0000 + (5 << 20) + 12);
+        let offset = layout.guest_offset(gpa).unwrap();
+        assert_eq!(offset, GuestOffset((5 << 20) + 12));
+        assert_eq!(layout.gpa(offset), gpa);
+        assert_eq!(layout.chunk_of(offset), (ChunkIndex(2), (1 << 20) + 12));
+        assert_eq!(layout.chunk_start(ChunkIndex(2)), GuestOffset(4 << 20));
+        assert_eq!(layout.guest_offset(GuestAddress(0x3fff_ffff)), None);
+        assert_eq!(
+            layout.guest_offset(GuestAddress(0x4000_0000 + (8 << 20))),
+            None
+        );
+        assert_eq!(
+            layout.chunk_indices().collect::<Vec<_>>(),
+            (0..4).map(ChunkIndex).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            serde_json::to_value(layout).unwrap()["base_gpa"],
+            0x4000_0000u64
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! Guest memory backed by guest_memfd: creation, host mapping, memslots, policy, placement,
 //! and attaching to the guest_memfd of another process.
 
+mod address;
 mod attached;
 mod error;
 mod flags;
@@ -11,6 +12,7 @@ mod placement;
 mod policy;
 mod regions;
 
+pub use address::{ChunkIndex, GmemOffset, GuestOffset};
 pub(crate) use attached::procfs as gmem_procfs;
 pub(crate) use attached::take_gmem_file;
 pub use attached::{AttachError, AttachedGmem, LearnedFlags, Residency, VmmMapping};
@@ -23,6 +25,8 @@ pub(crate) use placement::map_resident;
 pub use placement::{PageLocation, Placement, PlacementRange};
 pub use policy::{PER_INODE_POLICY_SINCE, Policy, kernel_release, policy_is_per_inode};
 pub use regions::{ChunkRegion, ChunkRegions, GmemAddressSpace};
+/// Guest-physical addresses, as vm-memory and its users (devices, loaders) spell them.
+pub use vm_memory::GuestAddress;
 
 use crate::numa::{NodeId, NodeRoom};
 
@@ -54,8 +58,9 @@ pub(crate) fn room_for(node: NodeId, bytes: u64) -> Result<u64, MemoryError> {
 }
 
 /// Checks that `offset..offset+len` is non-empty, page-aligned and inside `size` bytes.
-pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<(), MemoryError> {
+pub(crate) fn check_range(offset: GmemOffset, len: u64, size: u64) -> Result<(), MemoryError> {
     let page = page_size();
+    let offset = offset.raw();
     if len == 0 || !offset.is_multiple_of(page) || !len.is_multiple_of(page) {
         return Err(MemoryError::RangeNotPageAligned { offset, len });
     }

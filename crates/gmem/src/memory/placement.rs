@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::MemoryError;
+use super::{GmemOffset, MemoryError};
 use crate::numa::NodeId;
 use crate::sys::mempolicy;
 use crate::sys::mman::Mmap;
@@ -45,19 +45,19 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// Asks the kernel where each page of `map[offset..offset+len]` is (move_pages with
+    /// Asks the kernel where each page of gmem mapping `map[offset..offset+len]` is (move_pages with
     /// nodes = NULL, which moves nothing).
     ///
     /// move_pages only sees pages mapped in this process, and gmem pages that only the
     /// guest (through KVM) or fallocate touched are not. So resident pages are found with
     /// mincore first and mapped (MADV_POPULATE_READ, which allocates nothing for them);
     /// holes stay holes.
-    pub fn query(map: &Mmap, offset: u64, len: u64) -> Result<Self, MemoryError> {
+    pub fn query(map: &Mmap, offset: GmemOffset, len: u64) -> Result<Self, MemoryError> {
         super::check_range(offset, len, map.len() as u64)?;
         let page = super::page_size();
         map_resident(map, offset, len)?;
         let addrs: Vec<usize> = (0..len / page)
-            .map(|i| map.addr() + (offset + i * page) as usize)
+            .map(|i| map.addr() + (offset + i * page).index())
             .collect();
         Self::query_addrs(0, &addrs, page)
     }
@@ -157,10 +157,10 @@ impl Placement {
 }
 
 /// Maps the resident pages of a range, run by run, so move_pages can see them.
-pub(crate) fn map_resident(map: &Mmap, offset: u64, len: u64) -> Result<(), MemoryError> {
+pub(crate) fn map_resident(map: &Mmap, offset: GmemOffset, len: u64) -> Result<(), MemoryError> {
     let page = super::page_size();
     let resident = map
-        .resident_pages(offset as usize, len as usize)
+        .resident_pages(offset.index(), len as usize)
         .map_err(|source| MemoryError::QueryPlacement {
             pages: (len / page) as usize,
             source,
@@ -176,9 +176,9 @@ pub(crate) fn map_resident(map: &Mmap, offset: u64, len: u64) -> Result<(), Memo
             i += 1;
         }
         let (at, run) = (offset + start as u64 * page, (i - start) as u64 * page);
-        map.populate_read(at as usize, run as usize)
+        map.populate_read(at.index(), run as usize)
             .map_err(|source| MemoryError::Populate {
-                offset: at,
+                offset: at.raw(),
                 len: run,
                 source,
             })?;

@@ -4,7 +4,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::MemoryError;
+use super::{GmemOffset, MemoryError};
 use crate::numa::{NodeId, NodeMask, Topology};
 use crate::sys::mempolicy::{
     MPOL_BIND, MPOL_DEFAULT, MPOL_INTERLEAVE, MPOL_LOCAL, MPOL_PREFERRED, MPOL_PREFERRED_MANY,
@@ -61,13 +61,13 @@ impl Policy {
     pub(crate) fn apply(
         &self,
         map: &crate::sys::mman::Mmap,
-        offset: u64,
+        offset: GmemOffset,
         len: u64,
     ) -> Result<(), MemoryError> {
         let (mode, nodes) = self.to_raw();
-        crate::sys::mempolicy::mbind(map, offset as usize, len as usize, mode, nodes.as_raw(), 0)
+        crate::sys::mempolicy::mbind(map, offset.index(), len as usize, mode, nodes.as_raw(), 0)
             .map_err(|source| MemoryError::Mbind {
-                offset,
+                offset: offset.raw(),
                 len,
                 source,
             })

@@ -14,7 +14,7 @@ use vm_memory::{
     GuestRegionCollection, GuestUsize, MemoryRegionAddress, VolatileSlice,
 };
 
-use super::MemoryError;
+use super::{ChunkIndex, ChunkLayout, GmemOffset, MemoryError};
 use crate::sys::mman::Mmap;
 
 /// One guest chunk as a vm-memory region: `len` bytes of the gmem mapping from
@@ -24,15 +24,15 @@ use crate::sys::mman::Mmap;
 #[derive(Debug)]
 pub struct ChunkRegion {
     map: Arc<Mmap>,
-    map_offset: usize,
+    map_offset: GmemOffset,
     len: usize,
     guest_base: GuestAddress,
 }
 
 impl ChunkRegion {
     /// The offset in the guest_memfd (and its mapping) where this chunk lives.
-    pub fn gmem_offset(&self) -> u64 {
-        self.map_offset as u64
+    pub fn gmem_offset(&self) -> GmemOffset {
+        self.map_offset
     }
 }
 
@@ -53,7 +53,9 @@ impl GuestMemoryRegion for ChunkRegion {
         let at = self
             .check_address(addr)
             .ok_or(GuestMemoryError::InvalidBackendAddress)?;
-        Ok(self.map.host_address(self.map_offset + at.0 as usize))
+        Ok(self
+            .map
+            .host_address(self.map_offset.index() + at.0 as usize))
     }
 
     fn get_slice(
@@ -66,7 +68,9 @@ impl GuestMemoryRegion for ChunkRegion {
         if start.checked_add(count).is_none_or(|end| end > self.len) {
             return Err(GuestMemoryError::InvalidBackendAddress);
         }
-        Ok(self.map.volatile_slice(self.map_offset + start, count))
+        Ok(self
+            .map
+            .volatile_slice(self.map_offset.index() + start, count))
     }
 }
 
@@ -79,34 +83,31 @@ pub type ChunkRegions = GuestRegionCollection<ChunkRegion>;
 /// table, and a remap publishes the new one atomically.
 pub type GmemAddressSpace = GuestMemoryAtomic<ChunkRegions>;
 
-/// The regions of the chunks at `gmem_offsets` (guest order), `chunk_size` bytes each from
-/// `base_gpa`.
+/// The regions of the chunks at `gmem_offsets` (guest order) of `layout`.
 pub(crate) fn chunk_regions(
     map: &Arc<Mmap>,
-    base_gpa: u64,
-    chunk_size: u64,
-    gmem_offsets: &[u64],
+    layout: &ChunkLayout,
+    gmem_offsets: &[GmemOffset],
 ) -> Vec<Arc<ChunkRegion>> {
     gmem_offsets
         .iter()
         .enumerate()
-        .map(|(chunk, &offset)| chunk_region(map, base_gpa, chunk_size, chunk, offset))
+        .map(|(chunk, &offset)| chunk_region(map, layout, chunk.into(), offset))
         .collect()
 }
 
-/// The region of guest chunk `chunk` living at `gmem_offset`.
+/// The region of guest chunk `chunk` of `layout` living at `gmem_offset`.
 pub(crate) fn chunk_region(
     map: &Arc<Mmap>,
-    base_gpa: u64,
-    chunk_size: u64,
-    chunk: usize,
-    gmem_offset: u64,
+    layout: &ChunkLayout,
+    chunk: ChunkIndex,
+    gmem_offset: GmemOffset,
 ) -> Arc<ChunkRegion> {
     Arc::new(ChunkRegion {
         map: Arc::clone(map),
-        map_offset: gmem_offset as usize,
-        len: chunk_size as usize,
-        guest_base: GuestAddress(base_gpa + chunk as u64 * chunk_size),
+        map_offset: gmem_offset,
+        len: layout.chunk_size as usize,
+        guest_base: layout.gpa(layout.chunk_start(chunk)),
     })
 }
 

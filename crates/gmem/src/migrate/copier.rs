@@ -5,7 +5,7 @@
 //! FOLIO_CONTENT_COPIED, and the kernel skips its own copy. This trait is the userspace
 //! equivalent: when a copier reports [`CopyOutcome::Copied`], the engine does not copy.
 
-use crate::memory::GuestMemfd;
+use crate::memory::{GmemOffset, GuestMemfd};
 
 /// What a copier did with one range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,8 +28,8 @@ pub trait ContentCopier: Send + Sync {
     fn copy(
         &self,
         gmem: &GuestMemfd,
-        src_offset: u64,
-        dst_offset: u64,
+        src_offset: GmemOffset,
+        dst_offset: GmemOffset,
         len: u64,
     ) -> Result<CopyOutcome, CopierError>;
 }

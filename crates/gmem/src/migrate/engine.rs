@@ -20,7 +20,7 @@ use super::report::{
     StopPhaseStats, StopStats,
 };
 use super::verify::Verify;
-use crate::memory::{GuestMemory, MemoryError, Placement, Policy, page_size};
+use crate::memory::{GuestMemory, GuestOffset, MemoryError, Placement, Policy, page_size};
 use crate::numa::{FrameNodes, NodeMask, Pagemap, Topology};
 
 /// Unit of targets for layouts without chunks.
@@ -379,7 +379,7 @@ impl<'a> Migrator<'a> {
             }
             other => other,
         };
-        let attempted: std::collections::BTreeSet<u64> =
+        let attempted: std::collections::BTreeSet<GuestOffset> =
             reports.iter().map(|r| r.guest_offset).collect();
         // A step moved when it was started and every batch of it that ran moved (a failed
         // batch ends the migration, so the batches after it never ran).
@@ -463,8 +463,8 @@ impl<'a> Migrator<'a> {
         let all_bound = plan.steps.iter().all(&bound);
         let mut steps = plan.steps.iter().peekable();
         for (unit, &target) in plan.unit_targets.iter().enumerate() {
-            let start = unit as u64 * plan.unit;
-            let end = (start + plan.unit).min(layout.guest_size);
+            let start = GuestOffset(unit as u64 * plan.unit);
+            let end = (start + plan.unit).min(GuestOffset(layout.guest_size));
             let mut unit_steps = 0;
             let mut unit_bound = true;
             while let Some(step) = steps.next_if(|s| s.guest_offset < end) {
@@ -479,11 +479,10 @@ impl<'a> Migrator<'a> {
             } else {
                 Policy::Default
             };
-            let chunk = start / layout.chunk_size;
-            let offset = self.memory.chunk_offset(chunk) + start % layout.chunk_size;
+            let offset = self.memory.gmem_offset(start);
             self.memory
                 .host()?
-                .set_policy_unchecked(offset, end - start, &policy)?;
+                .set_policy_unchecked(offset, end.bytes_since(start), &policy)?;
         }
         Ok(())
     }
@@ -513,9 +512,10 @@ impl<'a> Migrator<'a> {
         let layout = *owned.layout();
         let pages_per_chunk = layout.chunk_size / page_size();
         let plan = Plan {
-            steps: (0..layout.chunks())
+            steps: layout
+                .chunk_indices()
                 .map(|c| Step {
-                    guest_offset: c * layout.chunk_size,
+                    guest_offset: layout.chunk_start(c),
                     len: layout.chunk_size,
                     target,
                     pages_to_move: pages_per_chunk,

@@ -1,6 +1,6 @@
 //! `MigrateError`: why a migration could not start or had to stop.
 
-use crate::memory::MemoryError;
+use crate::memory::{GuestOffset, MemoryError};
 use crate::numa::NodeId;
 
 use super::{MechanismKind, QuiesceError};
@@ -62,7 +62,7 @@ pub enum MigrateError {
     )]
     JournalNotCleared {
         /// Guest offset of the batch.
-        offset: u64,
+        offset: GuestOffset,
         /// Its length.
         len: u64,
         /// The cause.
@@ -76,7 +76,7 @@ pub enum MigrateError {
     )]
     RestoreFailed {
         /// Guest offset of the range.
-        offset: u64,
+        offset: GuestOffset,
         /// Its length.
         len: u64,
         /// The last cause.

@@ -5,6 +5,7 @@ use std::io;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use crate::memory::GmemOffset;
 use crate::sys::mman::Mmap;
 
 /// A place for refault's batches that survives this process. Refault copies each batch
@@ -19,7 +20,7 @@ pub trait BatchJournal: Send + Sync {
     /// Bytes `0..len` of the buffer are from now on the only copy of gmem bytes
     /// `gmem_offset..gmem_offset+len`: record that where it outlives this process. Called
     /// before the punch; after an error the batch is left untouched.
-    fn record(&self, gmem_offset: u64, len: u64) -> Result<(), JournalError>;
+    fn record(&self, gmem_offset: GmemOffset, len: u64) -> Result<(), JournalError>;
 
     /// The batch is back in guest memory and verified (or restored): forget it. Called
     /// before the guest resumes; while a record is left, the guest must stay stopped, or a

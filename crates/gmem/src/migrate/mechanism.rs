@@ -13,7 +13,7 @@ use super::quiesce::Quiesce;
 use super::report::{ContentCheck, MechanismKind, StepOutcome, StepReport};
 use super::verify::{self, Verify};
 use super::{InjectedFailure, MigrateError};
-use crate::memory::{MappedGmem, Placement, page_size};
+use crate::memory::{GmemOffset, MappedGmem, Placement, page_size};
 use crate::numa::{FrameNodes, NodeId, Pagemap, Topology};
 use crate::sys::mman::Mmap;
 
@@ -42,14 +42,12 @@ impl StepContext<'_> {
     }
 
     /// gmem offset of a step that lies within one chunk.
-    pub fn gmem_offset(&self, step: &Step) -> u64 {
-        let chunk_size = self.memory.layout().chunk_size;
-        let chunk = step.guest_offset / chunk_size;
-        self.memory.chunk_offset(chunk) + step.guest_offset % chunk_size
+    pub fn gmem_offset(&self, step: &Step) -> GmemOffset {
+        self.memory.gmem_offset(step.guest_offset)
     }
 
     /// PFNs of a gmem range, if verification wants them and pagemap is readable.
-    pub fn pfns(&self, offset: u64, len: u64) -> Option<Vec<Option<u64>>> {
+    pub fn pfns(&self, offset: GmemOffset, len: u64) -> Option<Vec<Option<u64>>> {
         if !self.verify.placement() {
             return None;
         }
@@ -60,7 +58,7 @@ impl StepContext<'_> {
     /// read), else from move_pages.
     pub fn pages_per_node(
         &self,
-        offset: u64,
+        offset: GmemOffset,
         len: u64,
         pfns: Option<&[Option<u64>]>,
     ) -> Result<std::collections::BTreeMap<NodeId, u64>, MigrateError> {
@@ -257,7 +255,7 @@ pub(crate) enum Mapped {
 pub(crate) fn check_result(
     cx: &StepContext<'_>,
     report: &mut StepReport,
-    offset: u64,
+    offset: GmemOffset,
     pfns_before: Option<Vec<Option<u64>>>,
     stop: Option<Duration>,
     mapped: Mapped,

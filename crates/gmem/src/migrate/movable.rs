@@ -8,8 +8,8 @@ use kvm_ioctls::VmFd;
 use crate::sys::mempolicy::{MPOL_MF_MOVE, MPOL_MF_MOVE_ALL};
 
 use crate::memory::{
-    AttachedGmem, ChunkLayout, GmemFlags, GuestMemory, MappedGmem, MemoryError, Placement,
-    page_size,
+    AttachedGmem, ChunkIndex, ChunkLayout, GmemFlags, GmemOffset, GuestMemory, GuestOffset,
+    MappedGmem, MemoryError, Placement, page_size,
 };
 
 /// Guest memory the [`Migrator`](super::Migrator) can move. Owned memory
@@ -25,7 +25,7 @@ pub trait MovableMemory: Sync {
     fn layout(&self) -> ChunkLayout;
 
     /// The gmem offset that backs guest chunk `chunk`.
-    fn chunk_offset(&self, chunk: u64) -> u64;
+    fn chunk_offset(&self, chunk: ChunkIndex) -> GmemOffset;
 
     /// A VM of this process, in which the engine creates scratch gmem (refault's
     /// reservations, the native probe).
@@ -47,10 +47,17 @@ pub trait MovableMemory: Sync {
     }
 
     /// gmem offsets of all guest chunks, in guest order.
-    fn chunk_offsets(&self) -> Vec<u64> {
-        (0..self.layout().chunks())
+    fn chunk_offsets(&self) -> Vec<GmemOffset> {
+        self.layout()
+            .chunk_indices()
             .map(|chunk| self.chunk_offset(chunk))
             .collect()
+    }
+
+    /// The gmem offset that backs `offset` of guest RAM (through its chunk's current place).
+    fn gmem_offset(&self, offset: GuestOffset) -> GmemOffset {
+        let (chunk, within) = self.layout().chunk_of(offset);
+        self.chunk_offset(chunk) + within
     }
 
     /// Where each page of guest RAM is, in guest-physical order (follows remapped chunks).
@@ -65,7 +72,7 @@ pub trait MovableMemory: Sync {
         let addrs: Vec<usize> = offsets
             .iter()
             .flat_map(|&off| (0..chunk_size / page).map(move |p| off + p * page))
-            .map(|off| map.addr() + off as usize)
+            .map(|off| map.addr() + off.index())
             .collect();
         Placement::query_addrs(0, &addrs, page)
     }
@@ -80,11 +87,11 @@ impl MovableMemory for GuestMemory {
         *GuestMemory::layout(self)
     }
 
-    fn chunk_offset(&self, chunk: u64) -> u64 {
+    fn chunk_offset(&self, chunk: ChunkIndex) -> GmemOffset {
         GuestMemory::chunk_offset(self, chunk)
     }
 
-    fn chunk_offsets(&self) -> Vec<u64> {
+    fn chunk_offsets(&self) -> Vec<GmemOffset> {
         GuestMemory::chunk_offsets(self)
     }
 
@@ -131,8 +138,8 @@ impl MovableMemory for ForeignMemory<'_> {
         self.gmem.layout()
     }
 
-    fn chunk_offset(&self, _chunk: u64) -> u64 {
-        0
+    fn chunk_offset(&self, _chunk: ChunkIndex) -> GmemOffset {
+        GmemOffset(0)
     }
 
     fn scratch_vm(&self) -> &Arc<VmFd> {

@@ -161,7 +161,7 @@ impl BatchMechanism for Native {
         let offset = cx.gmem_offset(step);
         let pages = step.len / page_size();
         let addrs: Vec<usize> = (0..pages)
-            .map(|i| cx.map.addr() + (offset + i * page_size()) as usize)
+            .map(|i| cx.map.addr() + (offset + i * page_size()).index())
             .collect();
         let mut status = vec![UNWRITTEN; addrs.len()];
         let pfns_before = cx.pfns(offset, step.len);
@@ -175,7 +175,7 @@ impl BatchMechanism for Native {
         let hash_before = cx
             .verify
             .checks_content()
-            .then(|| verify::hash_range(cx.map, offset, step.len, &mut self.block));
+            .then(|| verify::hash_range(cx.map, offset.raw(), step.len, &mut self.block));
         let target = step.target.0 as i32;
         let flag = cx.memory.move_flag();
         let mut result = move_with_retries(&addrs, target, &mut status, ROUNDS_RUNNING, flag);
@@ -208,7 +208,7 @@ impl BatchMechanism for Native {
         let hash_after = cx
             .verify
             .checks_content()
-            .then(|| verify::hash_range(cx.map, offset, step.len, &mut self.block));
+            .then(|| verify::hash_range(cx.map, offset.raw(), step.len, &mut self.block));
         let stop = paused.map(Paused::resume).transpose()?.or(straggler_stop);
 
         let not_moved = match result {

@@ -8,7 +8,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use super::MigrateError;
-use crate::memory::{PageLocation, Placement};
+use crate::memory::{GuestOffset, PageLocation, Placement};
 use crate::numa::{NodeId, NodeMask, Topology};
 
 /// Where guest memory should live.
@@ -82,7 +82,7 @@ impl fmt::Display for PlacementPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Step {
     /// Offset from the start of guest RAM.
-    pub guest_offset: u64,
+    pub guest_offset: GuestOffset,
     /// Bytes; never crosses a unit (chunk) boundary.
     pub len: u64,
     /// Destination node.
@@ -255,7 +255,7 @@ impl PlacementPolicy {
             }
             plan.steps
                 .extend(runs.into_iter().map(|(page, pages, moving)| Step {
-                    guest_offset: page * page_size,
+                    guest_offset: GuestOffset(page * page_size),
                     len: pages * page_size,
                     target,
                     pages_to_move: moving,
@@ -317,7 +317,7 @@ mod tests {
         let ranges: Vec<(u64, u64)> = plan
             .steps
             .iter()
-            .map(|s| (s.guest_offset / 4096, s.len / 4096))
+            .map(|s| (s.guest_offset.raw() / 4096, s.len / 4096))
             .collect();
         assert_eq!(ranges, [(0, 2), (6, 2)]);
 
@@ -327,7 +327,7 @@ mod tests {
         let ranges: Vec<(u64, u64)> = whole
             .steps
             .iter()
-            .map(|s| (s.guest_offset / 4096, s.len / 4096))
+            .map(|s| (s.guest_offset.raw() / 4096, s.len / 4096))
             .collect();
         assert_eq!(ranges, [(0, 4), (4, 4)]);
         assert_eq!(whole.pages_to_move, 4);

@@ -6,6 +6,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::memory::GuestAddress;
+
 /// Why accessors could not be paused or resumed.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -20,7 +22,7 @@ pub trait Quiesce: Send + Sync {
     /// Called while paused, once guest-physical `gpa..gpa+len` has new backing (a remapped
     /// chunk): an accessor that can map it ahead of its own faults does so now, so that the
     /// guest resumes without a stage-2 fault storm there. Returns whether it did.
-    fn prefault(&self, _gpa: u64, _len: u64) -> bool {
+    fn prefault(&self, _gpa: GuestAddress, _len: u64) -> bool {
         false
     }
 }

@@ -21,7 +21,7 @@ use super::quiesce::Paused;
 use super::report::{ContentCheck, MechanismKind, RestoredTo, StepOutcome, StepReport};
 use super::scratch::Scratch;
 use super::{InjectedFailure, MigrateError};
-use crate::memory::{MemoryError, Placement, Policy};
+use crate::memory::{GmemOffset, MemoryError, Placement, Policy};
 use crate::numa::NodeMask;
 use crate::sys::mman::Mmap;
 use crate::sys::sched;
@@ -112,10 +112,11 @@ impl<'j> Refault<'j> {
 
     /// Copies the bounce buffer into the range; with checking on, returns whether what
     /// landed equals the bounce buffer byte for byte.
-    fn write_back(&self, cx: &StepContext<'_>, offset: u64, part: Part) -> bool {
+    fn write_back(&self, cx: &StepContext<'_>, offset: GmemOffset, part: Part) -> bool {
         let (at, len) = (part.at as usize, part.len as usize);
-        self.bounce().copy_to(at, cx.map, offset as usize + at, len);
-        !cx.verify.checks_content() || cx.map.equal(offset as usize + at, self.bounce(), at, len)
+        let dst = (offset + part.at).index();
+        self.bounce().copy_to(at, cx.map, dst, len);
+        !cx.verify.checks_content() || cx.map.equal(dst, self.bounce(), at, len)
     }
 
     /// The stopped work for a part: punch, (soak), take the reservation's frames, allocate
@@ -124,7 +125,7 @@ impl<'j> Refault<'j> {
     fn replace_part(
         &self,
         cx: &StepContext<'_>,
-        offset: u64,
+        offset: GmemOffset,
         part: Part,
         step: &Step,
         same_node: bool,
@@ -139,7 +140,7 @@ impl<'j> Refault<'j> {
         self.scratch.release(part.at, len);
         if part.at == 0 && cx.injected(InjectedFailure::AllocateAfterPunch) {
             return Err(MemoryError::Allocate {
-                offset: start,
+                offset: start.raw(),
                 len,
                 source: std::io::Error::other("injected failure after punch"),
             });
@@ -156,7 +157,7 @@ impl<'j> Refault<'j> {
     fn redo_kept_frames(
         &self,
         cx: &StepContext<'_>,
-        offset: u64,
+        offset: GmemOffset,
         step: &Step,
         before: &[Option<u64>],
     ) -> Result<bool, MemoryError> {
@@ -192,7 +193,7 @@ impl<'j> Refault<'j> {
     fn restore(
         &self,
         cx: &StepContext<'_>,
-        offset: u64,
+        offset: GmemOffset,
         len: u64,
         original: NodeMask,
     ) -> Result<RestoredTo, MemoryError> {
@@ -280,7 +281,7 @@ impl BatchMechanism for Refault<'_> {
         // compared with it byte for byte.
         let whole = Part { at: 0, len };
         cx.map
-            .copy_to(offset as usize, self.bounce(), 0, len as usize);
+            .copy_to(offset.index(), self.bounce(), 0, len as usize);
         if let Some(journal) = self.journal() {
             if let Err(e) = journal.record(offset, len) {
                 // Nothing is touched yet: the guest resumes, and the migration ends here.
@@ -347,7 +348,7 @@ impl BatchMechanism for Refault<'_> {
             // As remap does: the guest resumes with the new frames already in its stage-2
             // tables, instead of faulting each page back in.
             cx.quiesce
-                .prefault(cx.memory.layout().base_gpa + step.guest_offset, len);
+                .prefault(cx.memory.layout().gpa(step.guest_offset), len);
         }
         let entry = paused.entry();
         let stop = paused.resume()?;

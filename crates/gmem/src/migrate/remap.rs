@@ -18,7 +18,7 @@ use super::refault::root_cause;
 use super::report::{ContentCheck, MechanismKind, RestoredTo, StepOutcome, StepReport, StopPhases};
 use super::verify;
 use super::{InjectedFailure, MigrateError};
-use crate::memory::{GuestMemory, MemoryError, Policy, page_size};
+use crate::memory::{GmemOffset, GuestMemory, MemoryError, Policy, page_size};
 use crate::numa::NodeMask;
 use crate::sys::sched::{self, ThreadId};
 
@@ -80,7 +80,7 @@ impl Remap<'_> {
         &self,
         cx: &StepContext<'_>,
         room: &mut RoomCredit,
-        spare: u64,
+        spare: GmemOffset,
         len: u64,
         step: &Step,
     ) -> Result<(), String> {
@@ -186,7 +186,7 @@ impl Drop for SteppedAside<'_> {
 /// Chunks the main thread hands back to the worker, which frees their pages and returns
 /// them to the spare pool: discarding a chunk (~0.35 ms per 2 MiB here) is then off the
 /// guest's path, and one thread alone adds and removes the gmem's page-cache folios.
-type SpareReturned = std::sync::mpsc::Sender<u64>;
+type SpareReturned = std::sync::mpsc::Sender<GmemOffset>;
 
 /// Steps after which the worker reads a node's room again even if its credit lasts: other
 /// processes allocate too. 16 chunks of 2 MiB: the credit is at most 32 MiB stale.
@@ -250,7 +250,7 @@ impl Remap<'_> {
             for first in 0..PREPARERS {
                 // One destination per worker waits ready: each holds a chunk of memory.
                 let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-                let (returned_tx, returned_rx) = std::sync::mpsc::channel::<u64>();
+                let (returned_tx, returned_rx) = std::sync::mpsc::channel::<GmemOffset>();
                 ready.push(ready_rx);
                 returned.push(returned_tx);
                 let worker_cx = cx.clone();
@@ -301,8 +301,8 @@ impl Remap<'_> {
         cx: &StepContext<'_>,
         steps: impl Iterator<Item = (usize, &'s Step)>,
         turn: &AtomicUsize,
-        ready: &std::sync::mpsc::SyncSender<(usize, Result<u64, String>)>,
-        returned: &std::sync::mpsc::Receiver<u64>,
+        ready: &std::sync::mpsc::SyncSender<(usize, Result<GmemOffset, String>)>,
+        returned: &std::sync::mpsc::Receiver<GmemOffset>,
     ) {
         use std::sync::mpsc::RecvTimeoutError;
         let memory = self.memory;
@@ -356,15 +356,16 @@ impl Remap<'_> {
         &mut self,
         cx: &StepContext<'_>,
         step: &Step,
-        spare: u64,
+        spare: GmemOffset,
         returned: &SpareReturned,
         preparers: &Preparers,
     ) -> Result<StepReport, MigrateError> {
         let memory = self.memory;
-        let chunk_size = memory.layout().chunk_size;
-        let chunk = step.guest_offset / chunk_size;
+        let layout = *memory.layout();
+        let chunk_size = layout.chunk_size;
+        let (chunk, _) = layout.chunk_of(step.guest_offset);
         let old = memory.chunk_offset(chunk);
-        let give_back = |offset: u64| {
+        let give_back = |offset: GmemOffset| {
             if let Err(unsent) = returned.send(offset) {
                 retire(memory, unsent.0); // the worker has ended
             }
@@ -388,13 +389,13 @@ impl Remap<'_> {
         let checking = cx.verify.checks_content();
         if !copied_by_copier {
             cx.map
-                .copy_to(old as usize, cx.map, spare as usize, chunk_size as usize);
+                .copy_to(old.index(), cx.map, spare.index(), chunk_size as usize);
         }
         let copy = phases.lap();
         if cx.injected(InjectedFailure::CorruptCopy) {
             let mut byte = [0u8];
-            cx.map.read(spare as usize, &mut byte);
-            cx.map.fill(spare as usize, 1, !byte[0]);
+            cx.map.read(spare.index(), &mut byte);
+            cx.map.fill(spare.index(), 1, !byte[0]);
         }
         let swapped = if cx.injected(InjectedFailure::SwapFails) {
             Err("injected memslot swap failure".to_string())
@@ -412,11 +413,11 @@ impl Remap<'_> {
                 // The old chunk is still intact: compare what the guest now sees, through
                 // the updated GPA table, with it byte for byte.
                 let now = memory
-                    .host_offset(memory.layout().base_gpa + step.guest_offset)
+                    .host_offset(layout.gpa(step.guest_offset))
                     .expect("in RAM");
                 if cx
                     .map
-                    .equal(now as usize, cx.map, old as usize, chunk_size as usize)
+                    .equal(now.index(), cx.map, old.index(), chunk_size as usize)
                 {
                     content = ContentCheck::Matched;
                     None
@@ -440,7 +441,7 @@ impl Remap<'_> {
             // Map the new chunk for the guest before it runs again, so it resumes without a
             // stage-2 fault per page there.
             cx.quiesce
-                .prefault(memory.layout().base_gpa + step.guest_offset, chunk_size);
+                .prefault(layout.gpa(step.guest_offset), chunk_size);
         }
         let prefault = phases.lap();
         let stop = paused.resume()?;
@@ -491,7 +492,7 @@ impl PhaseClock {
 }
 
 /// Frees a chunk's pages and returns its room to the spare pool.
-fn retire(memory: &crate::memory::GuestMemory, offset: u64) {
+fn retire(memory: &crate::memory::GuestMemory, offset: GmemOffset) {
     let _ = memory.discard(offset, memory.layout().chunk_size);
     memory.return_spare(offset);
 }
@@ -507,7 +508,7 @@ pub(crate) fn remap_confidential(
 ) -> Result<StepReport, MigrateError> {
     use crate::sys::mempolicy::{self, MPOL_BIND, MPOL_DEFAULT};
     let chunk_size = memory.layout().chunk_size;
-    let chunk = step.guest_offset / chunk_size;
+    let (chunk, _) = memory.layout().chunk_of(step.guest_offset);
     let Some(spare) = memory.take_spare() else {
         return Ok(report(
             step,
@@ -516,7 +517,7 @@ pub(crate) fn remap_confidential(
             },
         ));
     };
-    let give_back = |offset: u64| {
+    let give_back = |offset: GmemOffset| {
         let _ = memory.gmem().punch(offset, chunk_size);
         memory.return_spare(offset);
     };
@@ -526,7 +527,7 @@ pub(crate) fn remap_confidential(
         .and_then(|()| {
             mempolicy::set_mempolicy(MPOL_BIND, target.as_raw()).map_err(|source| {
                 MemoryError::Mbind {
-                    offset: spare,
+                    offset: spare.raw(),
                     len: chunk_size,
                     source,
                 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::memory::GuestOffset;
 use crate::numa::NodeId;
 
 /// A way of moving gmem pages.
@@ -181,7 +182,7 @@ pub enum ContentCheck {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepReport {
     /// Offset from the start of guest RAM.
-    pub guest_offset: u64,
+    pub guest_offset: GuestOffset,
     /// Bytes.
     pub len: u64,
     /// Destination node.

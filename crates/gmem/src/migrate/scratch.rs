@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
 
-use crate::memory::{GmemFlags, GuestMemfd, MemoryError, Policy};
+use crate::memory::{GmemFlags, GmemOffset, GuestMemfd, MemoryError, Policy};
 use crate::numa::{NodeId, NodeMask};
 use crate::sys::mman::Mmap;
 
@@ -30,7 +30,7 @@ impl Scratch {
         })
     }
 
-    fn allocate_on(&self, offset: u64, len: u64, node: NodeId) -> Result<(), MemoryError> {
+    fn allocate_on(&self, offset: GmemOffset, len: u64, node: NodeId) -> Result<(), MemoryError> {
         Policy::Bind(NodeMask::single(node)).apply(&self.map, offset, len)?;
         self.gmem.allocate(offset, len).inspect_err(|_| {
             let _ = self.gmem.punch(offset, len);
@@ -43,13 +43,13 @@ impl Scratch {
     pub fn reserve(&self, len: u64, node: NodeId) -> Result<(), MemoryError> {
         let len = len.min(self.size);
         crate::memory::ensure_room(node, len)?;
-        self.allocate_on(0, len, node)
+        self.allocate_on(GmemOffset(0), len, node)
     }
 
     /// Gives back `len` bytes of the reservation from `at`, so an allocation on this CPU
     /// takes their frames next.
     pub fn release(&self, at: u64, len: u64) {
-        let _ = self.gmem.punch(at, len);
+        let _ = self.gmem.punch(GmemOffset(at), len);
     }
 
     /// Allocates `len` bytes on `node` in the soak half at `at`, right after a punch: the
@@ -57,17 +57,18 @@ impl Scratch {
     /// holds them while the batch allocates. Best effort: a failed soak only weakens the
     /// new-frame guarantee.
     pub fn soak(&self, at: u64, len: u64, node: NodeId) -> bool {
-        self.allocate_on(self.size + at, len, node).is_ok()
+        self.allocate_on(GmemOffset(self.size + at), len, node)
+            .is_ok()
     }
 
     /// Allocates `len` bytes on `node` in the (released) reservation half at `at`: like a
     /// soak, it takes frames just freed on this CPU and holds them. Best effort.
     pub fn hold(&self, at: u64, len: u64, node: NodeId) -> bool {
-        self.allocate_on(at, len, node).is_ok()
+        self.allocate_on(GmemOffset(at), len, node).is_ok()
     }
 
     /// Frees whatever is still reserved or soaked.
     pub fn release_all(&self) {
-        let _ = self.gmem.punch(0, 2 * self.size);
+        let _ = self.gmem.punch(GmemOffset(0), 2 * self.size);
     }
 }

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
 
+use crate::memory::GmemOffset;
 use crate::numa::Pagemap;
 use crate::sys::mman::Mmap;
 
@@ -67,15 +68,15 @@ pub fn copy_and_hash(map: &Mmap, src: u64, dst: u64, len: u64, buf: &mut [u8]) -
     hasher.digest()
 }
 
-/// PFNs of `pages` pages of `map` from `offset`, if pagemap is readable.
+/// PFNs of `pages` pages of gmem mapping `map` from `offset`, if pagemap is readable.
 pub(crate) fn pfns(
     pagemap: Option<&Pagemap>,
     map: &Mmap,
-    offset: u64,
+    offset: GmemOffset,
     pages: u64,
 ) -> Option<Vec<Option<u64>>> {
     pagemap?
-        .pfns(map.addr() as u64 + offset, pages as usize)
+        .pfns(map.addr() as u64 + offset.raw(), pages as usize)
         .ok()
 }
 

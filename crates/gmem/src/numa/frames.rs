@@ -98,7 +98,8 @@ mod tests {
             .unwrap()
             .pfns(map.addr() as u64, 64)
             .unwrap();
-        let placement = crate::memory::Placement::query(&map, 0, 64 << 12).unwrap();
+        let placement =
+            crate::memory::Placement::query(&map, crate::memory::GmemOffset(0), 64 << 12).unwrap();
         for (i, pfn) in pfns.iter().enumerate() {
             let by_frame = frames
                 .node_of(pfn.unwrap())

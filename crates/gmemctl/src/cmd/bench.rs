@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gmem::memory::{ChunkLayout, GmemFlags, GuestMemory, MemoryError, page_size};
+use gmem::memory::{ChunkLayout, GmemFlags, GmemOffset, GuestMemory, MemoryError, page_size};
 use gmem::migrate::{
     MechanismChoice, MechanismKind, MigrateError, MigrationReport, MigrationRequest, Migrator,
     NothingToQuiesce, PlacementPolicy, StopPhaseStats, StopStats, Verify,
@@ -170,11 +170,11 @@ fn naive_refault(vm: &Arc<kvm_ioctls::VmFd>, flags: GmemFlags, size: u64) -> Res
     let mut bounce = vec![0u8; CHUNK as usize];
     let mut stops = Vec::new();
     let started = Instant::now();
-    for offset in (0..size).step_by(CHUNK as usize) {
+    for offset in (0..size).step_by(CHUNK as usize).map(GmemOffset) {
         let step = Instant::now();
-        map.read(offset as usize, &mut bounce);
+        map.read(offset.index(), &mut bounce);
         memory.gmem().punch(offset, CHUNK)?;
-        map.write(offset as usize, &bounce);
+        map.write(offset.index(), &bounce);
         stops.push(step.elapsed());
     }
     let elapsed = started.elapsed();
@@ -207,7 +207,7 @@ fn measure(
     };
     let memory = GuestMemory::create(vm.clone(), layout, flags)?;
     memory.set_policy(
-        0,
+        GmemOffset(0),
         memory.gmem().size(),
         &gmem::memory::Policy::Bind(gmem::numa::NodeMask::single(from)),
     )?;

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use gmem::memory::{ChunkLayout, GmemFlags, GuestMemory, Policy, page_size};
+use gmem::memory::{ChunkLayout, GmemFlags, GmemOffset, GuestMemory, Policy, page_size};
 use gmem::migrate::{
     MechanismChoice, MechanismKind, MigrateError, MigrationReport, MigrationRequest, Migrator,
     NothingToQuiesce, PlacementPolicy,
@@ -167,7 +167,11 @@ fn test_mechanism(
     memory.bind_to_vm().map_err(|e| fail("bind memslots", &e))?;
     let gmem_size = memory.gmem().size();
     memory
-        .set_policy(0, gmem_size, &Policy::Bind(NodeMask::single(home)))
+        .set_policy(
+            GmemOffset(0),
+            gmem_size,
+            &Policy::Bind(NodeMask::single(home)),
+        )
         .map_err(|e| fail("mbind", &e))?;
     fill_seed_pattern(&memory).map_err(|e| fail("fill", &e))?;
     let pages = size / page_size();

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use gmem::memory::{
-    AttachedGmem, GuestMemfd, LearnedFlags, Placement, Residency, VmmMapping, page_size,
+    AttachedGmem, GmemOffset, GuestMemfd, LearnedFlags, Placement, Residency, VmmMapping, page_size,
 };
 use gmem::numa::{NodeId, NumaMap, NumaMaps, Topology};
 use serde::Serialize;
@@ -42,7 +42,7 @@ struct MappingStatus {
     end: String,
     size_bytes: u64,
     /// The gmem offset the mapping starts at; it covers `gmem_offset..gmem_offset+size_bytes`.
-    gmem_offset: u64,
+    gmem_offset: GmemOffset,
     perms: String,
     /// The VMA's policy as the VMM's numa_maps prints it (`null` if unreadable).
     policy: Option<String>,

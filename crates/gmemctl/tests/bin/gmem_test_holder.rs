@@ -24,7 +24,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
-use gmem::memory::{ChunkLayout, GmemFlags, GuestMemfd, GuestMemory, page_size};
+use gmem::memory::{ChunkLayout, GmemFlags, GuestAddress, GuestMemfd, GuestMemory, page_size};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::VcpuExit;
 use vmm::guest::abi::{EntryArgs, PORT_HELLO, PORT_MISMATCH, PORT_SWEEP_DONE};
@@ -84,12 +84,14 @@ fn run() -> Result<(), String> {
         (VERIFY_GPA, verify),
     ];
     for (gpa, bytes) in &host_written {
-        system.write_guest(*gpa, bytes).map_err(fail("loading"))?;
+        system
+            .write_guest(GuestAddress(*gpa), bytes)
+            .map_err(fail("loading"))?;
     }
     system.bind_to_vm().map_err(fail("system memslot"))?;
 
     let data_layout = ChunkLayout {
-        base_gpa: DATA_GPA,
+        base_gpa: GuestAddress(DATA_GPA),
         first_slot: 1,
         ..ChunkLayout::single_slot(DATA_SIZE)
     };

@@ -5,7 +5,7 @@ pub mod asm;
 pub mod cpu;
 pub mod layout;
 
-use gmem::memory::GuestMemory;
+use gmem::memory::{GuestAddress, GuestMemory};
 
 use crate::error::VmError;
 
@@ -21,7 +21,7 @@ pub fn load(memory: &GuestMemory, mem_size: u64) -> Result<(), VmError> {
         (layout::CODE_GPA, code),
     ] {
         memory
-            .write_guest(gpa, &bytes)
+            .write_guest(GuestAddress(gpa), &bytes)
             .map_err(VmError::LoadGuest)?;
     }
     Ok(())

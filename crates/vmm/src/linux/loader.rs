@@ -137,7 +137,7 @@ pub(crate) fn load(
         None => None,
     };
     memory
-        .write_guest(CMDLINE_GPA, cmdline.as_bytes_with_nul())
+        .write_guest(GuestAddress(CMDLINE_GPA), cmdline.as_bytes_with_nul())
         .map_err(LinuxError::WriteBootData)?;
     let cmdline_len = cmdline.as_bytes().len() as u32;
 
@@ -146,7 +146,7 @@ pub(crate) fn load(
             let hdr = result.setup_header.ok_or(LinuxError::NoSetupHeader)?;
             let params = zero_page(hdr, mem_size, cmdline_len, initramfs);
             memory
-                .write_guest(ZERO_PAGE_GPA, params.as_slice())
+                .write_guest(GuestAddress(ZERO_PAGE_GPA), params.as_slice())
                 .map_err(LinuxError::WriteBootData)?;
             // startup_64 sits 0x200 bytes into the protected-mode kernel.
             Entry::Linux64 {
@@ -304,7 +304,7 @@ fn write_pvh_start_info(
             ..Default::default()
         };
         memory
-            .write_guest(PVH_MODLIST_GPA, module.as_slice())
+            .write_guest(GuestAddress(PVH_MODLIST_GPA), module.as_slice())
             .map_err(LinuxError::WriteBootData)?;
         start_info.nr_modules = 1;
         start_info.modlist_paddr = PVH_MODLIST_GPA;
@@ -318,11 +318,11 @@ fn write_pvh_start_info(
         };
         let at = PVH_MEMMAP_GPA + (index * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
         memory
-            .write_guest(at, entry.as_slice())
+            .write_guest(GuestAddress(at), entry.as_slice())
             .map_err(LinuxError::WriteBootData)?;
     }
     memory
-        .write_guest(PVH_START_INFO_GPA, start_info.as_slice())
+        .write_guest(GuestAddress(PVH_START_INFO_GPA), start_info.as_slice())
         .map_err(LinuxError::WriteBootData)?;
     Ok(())
 }
@@ -330,6 +330,7 @@ fn write_pvh_start_info(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gmem::memory::ChunkIndex;
 
     const _: () = assert!(PVH_MEMMAP_GPA + 4 * 24 <= ZERO_PAGE_GPA);
     const _: () =
@@ -375,7 +376,8 @@ mod tests {
             GuestMemory::create(vm, layout, gmem::memory::GmemFlags::HOST_MAPPABLE).unwrap();
         memory.bind_to_vm().unwrap();
         let spares = [memory.take_spare().unwrap(), memory.take_spare().unwrap()];
-        for (chunk, spare) in [0, layout.chunks() - 1].into_iter().zip(spares) {
+        let ends = [ChunkIndex(0), ChunkIndex(layout.chunks() - 1)];
+        for (chunk, spare) in ends.into_iter().zip(spares) {
             let old = memory.rebind_chunk(chunk, spare).unwrap();
             memory.return_spare(old);
         }
@@ -384,7 +386,7 @@ mod tests {
 
     fn read(memory: &GuestMemory, (start, end): (u64, u64)) -> Vec<u8> {
         let mut bytes = vec![0u8; (end - start) as usize];
-        memory.read_guest(start, &mut bytes).unwrap();
+        memory.read_guest(GuestAddress(start), &mut bytes).unwrap();
         bytes
     }
 

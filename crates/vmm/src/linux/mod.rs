@@ -19,7 +19,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use gmem::memory::{GuestMemory, MemoryError};
+use gmem::memory::{GuestAddress, GuestMemory, MemoryError};
 use kvm_bindings::{CpuId, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -238,7 +238,7 @@ pub(crate) fn load(
     }
     for (gpa, bytes) in writes {
         memory
-            .write_guest(gpa, &bytes)
+            .write_guest(GuestAddress(gpa), &bytes)
             .map_err(LinuxError::WriteBootData)?;
     }
     let devices = Arc::new(connect_devices(vm, boot)?);

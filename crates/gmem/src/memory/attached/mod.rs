@@ -18,7 +18,9 @@ use serde::Serialize;
 
 pub use error::AttachError;
 
-use super::{ChunkLayout, GmemFlags, GuestMemfd, MappedGmem, MemoryError, Placement, page_size};
+use super::{
+    ChunkLayout, GmemFlags, GmemOffset, GuestMemfd, MappedGmem, MemoryError, Placement, page_size,
+};
 use crate::numa::{NodeId, NumaMaps};
 use crate::sys::mman::Mmap;
 use crate::sys::pidfd;
@@ -57,7 +59,7 @@ pub struct VmmMapping {
     /// Permissions as maps prints them ("rw-s").
     pub perms: String,
     /// The gmem offset that `start` maps.
-    pub gmem_offset: u64,
+    pub gmem_offset: GmemOffset,
     /// The VMA's NUMA policy as numa_maps prints it ("default", "bind:0"); `None` where
     /// numa_maps could not be read.
     pub policy: Option<String>,
@@ -271,7 +273,7 @@ impl AttachedGmem {
             fd: self.fds[0],
             source,
         };
-        match Placement::query(map, 0, self.size()) {
+        match Placement::query(map, GmemOffset(0), self.size()) {
             Ok(placement) => Ok(Residency::Placed(placement)),
             Err(MemoryError::Populate { source, .. })
                 if source.raw_os_error() == Some(libc::EFAULT) =>
@@ -437,7 +439,7 @@ fn vmm_mappings(
                 start: m.start,
                 end: m.end,
                 perms: m.perms.clone(),
-                gmem_offset: m.offset,
+                gmem_offset: GmemOffset(m.offset),
                 policy: numa.map(|n| n.policy.clone()),
                 mapped_pages_per_node: numa.map(|n| n.pages_per_node.clone()).unwrap_or_default(),
             }

@@ -139,7 +139,7 @@ fn guest_pfns(vm: &Vm) -> Result<Option<Vec<Option<u64>>>, DemoError> {
     let pagemap = Pagemap::open_self().map_err(DemoError::Pagemap)?;
     let mut pfns = Vec::with_capacity(memory.chunk_offsets().len() * pages_per_chunk);
     for offset in memory.chunk_offsets() {
-        match pagemap.pfns(base + offset, pages_per_chunk) {
+        match pagemap.pfns(base + offset.raw(), pages_per_chunk) {
             Ok(chunk) => pfns.extend(chunk),
             Err(PagemapError::PfnsHidden { .. }) => return Ok(None),
             Err(e) => return Err(DemoError::Pagemap(e)),
