@@ -20,7 +20,11 @@ pub(crate) fn thread_states(pid: u32) -> io::Result<Vec<(u32, char)>> {
                     states.push((tid, state));
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            // A thread that exits between readdir and read: ENOENT, or ESRCH once it is
+            // being reaped.
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) => {
+            }
             Err(e) => return Err(e),
         }
     }

@@ -86,6 +86,18 @@ pub enum MemoryError {
         /// Length.
         len: u64,
     },
+    /// A guest-physical range reached outside guest RAM.
+    #[error("guest range {gpa:#x}+{len:#x} is outside guest RAM ({base:#x}, {size:#x} bytes)")]
+    GuestRangeOutsideRam {
+        /// Guest-physical address of the range.
+        gpa: u64,
+        /// Length.
+        len: u64,
+        /// Guest-physical address where RAM starts.
+        base: u64,
+        /// Bytes of guest RAM.
+        size: u64,
+    },
     /// A range ran past the end.
     #[error("range at offset {offset:#x} of {len:#x} bytes runs past the end ({size:#x} bytes)")]
     RangeOutOfBounds {
@@ -198,6 +210,7 @@ impl MemoryError {
                 | MemoryError::Layout(_)
                 | MemoryError::RangeNotPageAligned { .. }
                 | MemoryError::RangeOutOfBounds { .. }
+                | MemoryError::GuestRangeOutsideRam { .. }
                 | MemoryError::GuestMemfdUnsupported
         )
     }

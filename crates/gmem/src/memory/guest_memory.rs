@@ -401,9 +401,10 @@ impl GuestMemory {
                     .is_some_and(|e| e.raw() <= layout.guest_size)
             });
         let Some(start) = start else {
-            return Err(MemoryError::RangeOutOfBounds {
-                offset: gpa.raw_value(),
+            return Err(MemoryError::GuestRangeOutsideRam {
+                gpa: gpa.raw_value(),
                 len,
+                base: layout.base_gpa.raw_value(),
                 size: layout.guest_size,
             });
         };
