@@ -245,6 +245,46 @@ fn a_range_already_in_place_moves_nothing() {
     assert_eq!(mem.chunk_offsets(), offsets, "nothing may be remapped");
 }
 
+#[test]
+fn a_stop_share_holds_for_the_whole_move() {
+    let Some((_kvm, vm)) = kvm_or_skip("a_stop_share_holds_for_the_whole_move") else {
+        return;
+    };
+    for (mechanism, layout) in [
+        (
+            MechanismKind::Remap,
+            ChunkLayout::chunked(16 * MIB, 2 * MIB, 2),
+        ),
+        (MechanismKind::Refault, ChunkLayout::single_slot(16 * MIB)),
+    ] {
+        let mem = GuestMemory::create(vm.clone(), layout, GmemFlags::HOST_MAPPABLE).unwrap();
+        fill_seed_pattern(&mem);
+        // Small enough that an unpaced move (steps back to back) would break it.
+        let share = 0.02;
+        let report = Migrator::new(&mem, &NothingToQuiesce)
+            .migrate(&MigrationRequest {
+                max_stop_share: Some(share),
+                ..relocate(mechanism)
+            })
+            .unwrap();
+        assert_verified(&report);
+        assert!(
+            report.stops.count > 1,
+            "{mechanism}: one stop paces nothing"
+        );
+        // Each step lasts at least its stop / share, counted from the end of the one before,
+        // so the whole move does too.
+        let floor = (report.stops.total_us as f64 / share) as u64;
+        assert!(
+            report.elapsed_us >= floor,
+            "{mechanism}: stopped {} us in {} us, more than a {share} share",
+            report.stops.total_us,
+            report.elapsed_us
+        );
+        assert_eq!(first_bad_page(&mem), None);
+    }
+}
+
 /// Runs a migration with `failure` injected and checks that nothing was lost. Returns the
 /// report and the future-allocation policy of each guest chunk afterwards.
 fn injected(

@@ -51,8 +51,10 @@ pub struct MigrationRequest {
     pub verify: Verify,
     /// Also relocate pages already on their target node (new frames, same node).
     pub relocate_in_place: bool,
-    /// Largest share of wall time the guest may spend stopped (0 < share <= 1): after a
-    /// stop of s, the next one waits s * (1/share - 1). `None` runs steps back to back.
+    /// Largest share of wall time the guest may spend stopped (0 < share <= 1): a step
+    /// whose stop took s lasts at least s / share, counted from the end of the step before,
+    /// so its work outside the stop (preparing, checking) counts toward the guest's time.
+    /// `None` runs steps back to back.
     #[serde(default)]
     pub max_stop_share: Option<f64>,
     /// Test hook.
@@ -321,13 +323,19 @@ impl<'a> Migrator<'a> {
         let mut pages_moved = 0u64;
         let running = Cell::new(mechanism);
         let interrupted = Cell::new(false);
+        // When the step before ended: each step is paced from there.
+        let mut step_began = std::time::Instant::now();
         // Records one step's report; false once a step failed (the migration stops there).
         let mut record = |mut report: StepReport, pages_to_move: u64| -> bool {
             stops.extend(report.stop);
             if let (Some(stop), Some(share)) = (report.stop, request.max_stop_share) {
-                // Pace: give the guest its share of time before the next stop.
-                std::thread::sleep(stop.mul_f64(1.0 / share - 1.0));
+                // Pace: the guest's share of this step's time is what it ran of it.
+                let lasted = step_began.elapsed();
+                if let Some(wait) = stop.div_f64(share).checked_sub(lasted) {
+                    std::thread::sleep(wait);
+                }
             }
+            step_began = std::time::Instant::now();
             report.pages_moved = match &report.outcome {
                 StepOutcome::Moved if report.content != ContentCheck::Mismatched => pages_to_move,
                 StepOutcome::Partial { not_moved, .. } => pages_to_move.saturating_sub(*not_moved),
