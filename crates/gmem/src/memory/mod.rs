@@ -57,6 +57,36 @@ pub(crate) fn room_for(node: NodeId, bytes: u64) -> Result<u64, MemoryError> {
     Ok(available)
 }
 
+/// Bytes allocated on a node after which a [`RoomCredit`] reads the node's room again even
+/// if its credit lasts, since other processes allocate too: the credit is at most this stale.
+const ROOM_STALE_AFTER: u64 = 32 << 20;
+
+/// What a node can still supply, read from /proc/zoneinfo (~0.1 ms a read here) once per
+/// [`ROOM_STALE_AFTER`] bytes allocated, or sooner when the credit runs out: for a
+/// migration that checks [`ensure_room`] before every allocation of a chunk or batch.
+#[derive(Debug, Default)]
+pub(crate) struct RoomCredit {
+    node: Option<NodeId>,
+    bytes: u64,
+    spent: u64,
+}
+
+impl RoomCredit {
+    /// Takes `len` bytes of credit on `node`, reading its room afresh when the credit is
+    /// for another node, too old, or short. Fails as [`ensure_room`] does.
+    pub fn ensure(&mut self, node: NodeId, len: u64) -> Result<(), MemoryError> {
+        let fresh = self.node == Some(node) && self.spent < ROOM_STALE_AFTER && self.bytes >= len;
+        if !fresh {
+            self.bytes = room_for(node, len)?;
+            self.node = Some(node);
+            self.spent = 0;
+        }
+        self.bytes = self.bytes.saturating_sub(len);
+        self.spent += len;
+        Ok(())
+    }
+}
+
 /// Checks that `offset..offset+len` is non-empty, page-aligned and inside `size` bytes.
 pub(crate) fn check_range(offset: GmemOffset, len: u64, size: u64) -> Result<(), MemoryError> {
     let page = page_size();

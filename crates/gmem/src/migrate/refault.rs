@@ -21,7 +21,7 @@ use super::quiesce::Paused;
 use super::report::{ContentCheck, MechanismKind, RestoredTo, StepOutcome, StepReport};
 use super::scratch::Scratch;
 use super::{InjectedFailure, MigrateError};
-use crate::memory::{GmemOffset, MemoryError, Placement, Policy};
+use crate::memory::{GmemOffset, MemoryError, Policy};
 use crate::numa::NodeMask;
 use crate::sys::mman::Mmap;
 use crate::sys::sched;
@@ -250,10 +250,13 @@ impl BatchMechanism for Refault<'_> {
             len <= self.bounce().len() as u64,
             "batch larger than the bounce buffer"
         );
-        let before = Placement::query(cx.map, offset, len)?;
-        let original: NodeMask = before.per_node().into_keys().collect();
-        let same_node = original == NodeMask::single(step.target);
         let pfns_before = cx.pfns(offset, len);
+        // From the PFNs where it can (one pagemap read), not a move_pages query per batch.
+        let original: NodeMask = cx
+            .pages_per_node(offset, len, pfns_before.as_deref())?
+            .into_keys()
+            .collect();
+        let same_node = original == NodeMask::single(step.target);
 
         // Prove the target can supply the batch before touching it.
         if let Err(e) = self.scratch.reserve(len, step.target) {

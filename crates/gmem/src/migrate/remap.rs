@@ -18,7 +18,7 @@ use super::refault::root_cause;
 use super::report::{ContentCheck, MechanismKind, RestoredTo, StepOutcome, StepReport, StopPhases};
 use super::verify;
 use super::{InjectedFailure, MigrateError};
-use crate::memory::{GmemOffset, GuestMemory, MemoryError, Policy, page_size};
+use crate::memory::{GmemOffset, GuestMemory, MemoryError, Policy, RoomCredit, page_size};
 use crate::numa::NodeMask;
 use crate::sys::sched::{self, ThreadId};
 
@@ -225,35 +225,6 @@ impl Drop for SteppedAside<'_> {
 /// them to the spare pool: discarding a chunk (~0.35 ms per 2 MiB here) is then off the
 /// guest's path, and one thread alone adds and removes the gmem's page-cache folios.
 type SpareReturned = std::sync::mpsc::Sender<GmemOffset>;
-
-/// Steps after which the worker reads a node's room again even if its credit lasts: other
-/// processes allocate too. 16 chunks of 2 MiB: the credit is at most 32 MiB stale.
-const ROOM_READ_EVERY: u32 = 16;
-
-/// What the worker believes a node can still supply, read from /proc/zoneinfo (~0.1 ms a
-/// read here) once per [`ROOM_READ_EVERY`] steps, or sooner when the credit runs out.
-#[derive(Default)]
-struct RoomCredit {
-    node: Option<crate::numa::NodeId>,
-    bytes: u64,
-    steps: u32,
-}
-
-impl RoomCredit {
-    /// Takes `len` bytes of credit on `node`, reading its room afresh when the credit is
-    /// for another node, too old, or short. Fails as [`crate::memory::ensure_room`] does.
-    fn ensure(&mut self, node: crate::numa::NodeId, len: u64) -> Result<(), MemoryError> {
-        let fresh = self.node == Some(node) && self.steps < ROOM_READ_EVERY && self.bytes >= len;
-        if !fresh {
-            self.bytes = crate::memory::room_for(node, len)?;
-            self.node = Some(node);
-            self.steps = 0;
-        }
-        self.bytes = self.bytes.saturating_sub(len);
-        self.steps += 1;
-        Ok(())
-    }
-}
 
 impl Remap<'_> {
     /// Runs `steps` (whole chunks) as a two-stage pipeline on two threads: a worker

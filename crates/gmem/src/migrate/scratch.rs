@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
 
-use crate::memory::{GmemFlags, GmemOffset, GuestMemfd, MemoryError, Policy};
+use crate::memory::{GmemFlags, GmemOffset, GuestMemfd, MemoryError, Policy, RoomCredit};
 use crate::numa::{NodeId, NodeMask};
 use crate::sys::mman::Mmap;
 
@@ -16,6 +16,8 @@ pub(crate) struct Scratch {
     gmem: GuestMemfd,
     map: Mmap,
     size: u64,
+    /// The target's room, read once per many batches rather than before each.
+    room: std::sync::Mutex<RoomCredit>,
 }
 
 impl Scratch {
@@ -27,6 +29,7 @@ impl Scratch {
             gmem,
             map,
             size: max_batch,
+            room: std::sync::Mutex::default(),
         })
     }
 
@@ -42,7 +45,10 @@ impl Scratch {
     /// allocation would run the OOM killer rather than fail.
     pub fn reserve(&self, len: u64, node: NodeId) -> Result<(), MemoryError> {
         let len = len.min(self.size);
-        crate::memory::ensure_room(node, len)?;
+        self.room
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ensure(node, len)?;
         self.allocate_on(GmemOffset(0), len, node)
     }
 
