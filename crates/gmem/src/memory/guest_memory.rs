@@ -310,6 +310,12 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Whether the chunks are bound to the VM as memslots ([`bind_to_vm`](Self::bind_to_vm)),
+    /// so that rebinding one goes through KVM.
+    pub fn bound_to_vm(&self) -> bool {
+        self.table().bound
+    }
+
     /// The gmem offset that backs guest chunk `chunk`.
     pub fn chunk_offset(&self, chunk: ChunkIndex) -> GmemOffset {
         self.table().offsets[chunk.index()]
